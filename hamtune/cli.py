@@ -1,0 +1,218 @@
+"""`hamtune` command line: argument parsing and wiring only; every bad input ends as one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hamtune.errors import HamtuneError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hamtune", description="Hyperparameter search for skin-lesion classification on HAM10000 (Ray Tune).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # data ------------------------------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="prepare the decoded-image cache and look at the data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    for name, help_ in (("prepare", "decode and resize every image once into the cache, and split by lesion"),
+                        ("info", "print images and lesions per diagnosis and split; --plots draws the first figures")):
+        p = data_sub.add_parser(name, help=help_)
+        p.add_argument("--source", default="synthetic", help="a HAM10000 folder (Kaggle layout) or 'synthetic' (default)")
+        p.add_argument("--image-size", type=int, default=32, help="square size in pixels (default 32)")
+        p.add_argument("--cache-dir", type=Path, help="cache folder (default $HAMTUNE_CACHE_DIR or ~/.cache/hamtune)")
+        p.add_argument("--strict", action="store_true", help="stop at the first missing or unreadable image")
+        p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+        p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+        p.add_argument("--split-seed", type=int, default=0)
+        p.add_argument("--synthetic-size", type=int, default=3000, help="images in the synthetic set (default 3000)")
+        p.add_argument("--synthetic-seed", type=int, default=0)
+        p.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
+        if name == "info":
+            p.add_argument("--plots", type=Path, metavar="DIR", help="write exploration figures to DIR")
+
+    # search ----------------------------------------------------------------------------------------------------
+    search = sub.add_parser("search", help="run (or resume) a hyperparameter search")
+    search.add_argument("--space", type=Path, help="search spec YAML (e.g. search_spaces/default.yaml)")
+    search.add_argument("--resume", nargs="?", const="", metavar="NAME",
+                        help="continue an interrupted experiment (default: the latest)")
+    search.add_argument("--name", help="experiment name (default: the spec's 'experiment')")
+    search.add_argument("--num-samples", type=int, help="number of trials")
+    search.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped early")
+    search.add_argument("--max-concurrent", type=int, help="trials running at once")
+    search.add_argument("--cpus-per-trial", type=float)
+    search.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.5")
+    search.add_argument("--seed", type=int, help="searcher seed")
+    search.add_argument("--address", help="join a running Ray cluster (e.g. 'auto'); default: local Ray on 127.0.0.1")
+    search.add_argument("--storage-path", help="shared storage for a multi-node cluster (s3://..., gs://..., NFS path)")
+    search.add_argument("--results-dir", type=Path, default=Path("results"))
+    search.add_argument("--smoke-test", action="store_true",
+                        help="tiny run to check the set-up: 2 trials, 2 epochs, small synthetic data")
+
+    # results ---------------------------------------------------------------------------------------------------
+    results = sub.add_parser("results", help="list experiments, or show one experiment's leaderboard")
+    results.add_argument("name", nargs="?", help="experiment (default: list all)")
+    results.add_argument("--top", type=int, help="show only the best N trials")
+    results.add_argument("--sort", help="column to rank by (default: the experiment's metric)")
+    results.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    results.add_argument("--results-dir", type=Path, default=Path("results"))
+
+    # best / evaluate / predict -------------------------------------------------------------------------------
+    best = sub.add_parser("best", help="show the best trial; --retrain trains it on train+val and tests it once")
+    best.add_argument("name", nargs="?", help="experiment (default: the latest)")
+    best.add_argument("--metric", help="rank by this metric instead of the experiment's")
+    best.add_argument("--mode", choices=("max", "min"))
+    best.add_argument("--retrain", action="store_true", help="retrain on train+val, evaluate once on the test split")
+    best.add_argument("--epochs", type=int, help="retrain epochs (default: the epoch at which the best trial peaked)")
+    best.add_argument("--seeds", type=int, nargs="+", help="retrain once per seed; metrics reported as mean ± std")
+    best.add_argument("--tta", action="store_true", help="test-time augmentation (flips and 90° rotations averaged)")
+    best.add_argument("--results-dir", type=Path, default=Path("results"))
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on an external labelled image set")
+    evaluate.add_argument("--model", type=Path, required=True, help="model.pt written by `hamtune best --retrain`")
+    evaluate.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    evaluate.add_argument("--labels", type=Path, required=True,
+                          help="HAM10000 metadata CSV (image_id, dx) or ISIC 2018 Task 3 ground truth (image, MEL, NV, ...)")
+    evaluate.add_argument("--out", type=Path, help="report folder (default: <model folder>/eval-<images folder name>)")
+    evaluate.add_argument("--tta", action="store_true")
+
+    predict = sub.add_parser("predict", help="class probabilities for images")
+    predict.add_argument("--model", type=Path, required=True)
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", type=Path, help="write CSV or JSON (by extension) instead of printing")
+    predict.add_argument("--tta", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        handler = {"data": cmd_data, "search": cmd_search, "results": cmd_results, "best": cmd_best,
+                   "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+        return handler(args) or 0
+    except HamtuneError as exc:
+        print(f"hamtune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("hamtune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_data(args) -> int:
+    from hamtune.data import SplitSpec, class_table, prepare
+
+    prepared = prepare(args.source, args.image_size, cache_dir=args.cache_dir, strict=args.strict,
+                       split=SplitSpec(val=args.val, test=args.test, seed=args.split_seed), workers=args.workers,
+                       synthetic_size=args.synthetic_size, synthetic_seed=args.synthetic_seed)
+    n = len(prepared.table)
+    verb = "decoded" if prepared.decoded else "reused"
+    print(f"{verb} {n} images at {prepared.image_size}px -> {prepared.path}"
+          + (f" ({len(prepared.problems)} skipped, listed in {prepared.path / 'problems.csv'})" if len(prepared.problems) else ""))
+    if args.data_command == "info":
+        print(class_table(prepared).to_string())
+        if args.plots:
+            from hamtune.data.explore import write_exploration_plots
+
+            for path in write_exploration_plots(prepared, args.plots):
+                print(f"wrote {path}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from hamtune import results as res
+    from hamtune.space import load_spec, spec_from_dict
+
+    overrides = {"experiment": args.name, "search.num_samples": args.num_samples, "train.epochs": args.max_epochs,
+                 "search.max_concurrent": args.max_concurrent, "resources.cpu": args.cpus_per_trial,
+                 "resources.gpu": args.gpus_per_trial, "search.seed": args.seed}
+    if args.smoke_test:
+        overrides.update({"search.num_samples": args.num_samples or 2, "train.epochs": args.max_epochs or 2,
+                          "data.synthetic_size": 300, "data.image_size": 16, "search.grace_period": 1})
+        if not args.name:
+            overrides["experiment"] = "smoke-test"
+    if args.resume is not None:
+        if args.space:
+            raise HamtuneError("--resume continues an experiment with its own recorded spec; drop --space")
+        exp_dir = res.experiment_dir(args.resume or None, args.results_dir)
+        record = res.read_experiment(exp_dir)
+        spec = spec_from_dict(record["spec"], source=str(exp_dir / res.EXPERIMENT_FILE))
+    else:
+        if not args.space:
+            raise HamtuneError("search needs --space FILE (e.g. search_spaces/default.yaml) or --resume [NAME]")
+        spec = load_spec(args.space, overrides)
+
+    from hamtune.search import run_search
+
+    outcome = run_search(spec, results_dir=args.results_dir, address=args.address, storage_path=args.storage_path,
+                         resume=args.resume is not None)
+    board = res.leaderboard(outcome.trials, metric=spec.search.metric, mode=spec.search.mode, top=10)
+    print()
+    print(f"experiment {spec.experiment}: {outcome.state} in {outcome.wall_time_s:.0f} s, {len(outcome.trials)} trials "
+          f"({dict(outcome.trials['status'].value_counts())})")
+    print(res.format_table(board))
+    print(f"\ntables and plots: {outcome.exp_dir}/  (hamtune results {spec.experiment}; hamtune best {spec.experiment} --retrain)")
+    if outcome.state != "finished":
+        print(f"resume with: hamtune search --resume {spec.experiment}")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_results(args) -> int:
+    from hamtune import results as res
+
+    if not args.name:
+        experiments = res.list_experiments(args.results_dir)
+        if not experiments:
+            print(f"no experiments under {args.results_dir}/ yet (run `hamtune search --space search_spaces/default.yaml`)")
+            return 0
+        import pandas as pd
+
+        print(res.format_table(pd.DataFrame(experiments), args.format))
+        return 0
+    exp_dir = res.experiment_dir(args.name, args.results_dir)
+    record = res.read_experiment(exp_dir)
+    trials, _ = res.load_tables(exp_dir)
+    board = res.leaderboard(trials, metric=record["metric"], mode=record["mode"], sort=args.sort, top=args.top)
+    if args.format == "table":
+        print(f"{record['name']}: {record.get('state')}, {len(trials)} trials, metric {record['metric']} ({record['mode']})")
+    print(res.format_table(board, args.format))
+    return 0
+
+
+def cmd_best(args) -> int:
+    from hamtune import best
+
+    return best.cmd_best(args)
+
+
+def cmd_evaluate(args) -> int:
+    from hamtune import best
+
+    return best.cmd_evaluate(args)
+
+
+def cmd_predict(args) -> int:
+    from hamtune import best
+
+    return best.cmd_predict(args)
+
+
+def _version() -> str:
+    from hamtune import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

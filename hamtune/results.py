@@ -1,0 +1,296 @@
+"""Experiment results as tables a person can read: trials (one row per trial) and history (one row per epoch).
+
+Tables are plain pandas; this module knows nothing of Ray. search.py feeds it reported results; `hamtune results`
+and `hamtune best` read what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from hamtune.errors import HamtuneError
+
+RESULTS_DIR = Path("results")
+EXPERIMENT_FILE = "experiment.json"
+# Bookkeeping keys Tune adds to every report; the history keeps only the epoch clock and wall time.
+_TUNE_KEYS = {
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "config",
+    "experiment_tag", "time_total_s",
+}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+def atomic_write_table(df: pd.DataFrame, path_parquet: Path) -> None:
+    """Write a table as parquet and a CSV copy beside it, each atomically."""
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path_parquet, buf.getvalue())
+    atomic_write_bytes(path_parquet.with_suffix(".csv"), df.to_csv(index=False).encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def metric_values(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics of one report, without Tune's bookkeeping; `epoch` is the trial's epoch clock."""
+    row = {k: v for k, v in result.items() if k not in _TUNE_KEYS and not isinstance(v, (dict, list))}
+    row["epoch"] = int(result.get("epoch", result.get("training_iteration", 0)))
+    return row
+
+
+def history_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per trial and epoch; a re-reported epoch (a trial resumed from an older checkpoint) keeps its latest."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return pd.DataFrame(columns=["trial_id", "epoch"])
+    df = df.drop_duplicates(["trial_id", "epoch"], keep="last").sort_values(["trial_id", "epoch"], kind="stable")
+    return df.reset_index(drop=True)
+
+
+def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, metric: str, mode: str,
+                 max_epochs: int) -> pd.DataFrame:
+    """One row per trial: id, status, config, epochs run, best and last of every metric, the epoch of the best.
+
+    `trials` are mappings with trial_id, tune_status (PENDING/RUNNING/TERMINATED/ERROR), config, wall_time_s and
+    optionally best_checkpoint; `history` is history_table's output.
+    """
+    rows = []
+    metric_cols = [c for c in history.columns if c not in ("trial_id", "epoch", "trial_status")
+                   and pd.api.types.is_numeric_dtype(history[c])]
+    for t in trials:
+        h = history[history["trial_id"] == t["trial_id"]] if len(history) else history
+        row: dict[str, Any] = {"trial_id": t["trial_id"]}
+        epochs = int(h["epoch"].max()) if len(h) else 0
+        non_finite = "trial_status" in h.columns and (h["trial_status"] == "non_finite").any()
+        row["status"] = trial_status(t["tune_status"], epochs, max_epochs, bool(non_finite))
+        row["epochs"] = epochs
+        for k, v in sorted((t.get("config") or {}).items()):
+            row[f"config.{k}"] = v
+        if len(h) and metric in h.columns and h[metric].notna().any():
+            best_idx = h[metric].idxmax() if mode == "max" else h[metric].idxmin()
+            row["best_epoch"] = int(h.loc[best_idx, "epoch"])
+        else:
+            row["best_epoch"] = None
+        for c in metric_cols:
+            values = h[c].dropna() if len(h) else pd.Series(dtype=float)
+            lower_is_better = c.endswith("loss") or c in ("epoch_time_s",)
+            if len(values):
+                row[f"best_{c}"] = float(values.min() if lower_is_better else values.max())
+                row[f"last_{c}"] = float(h[c].iloc[-1]) if pd.notna(h[c].iloc[-1]) else math.nan
+        row["wall_time_s"] = t.get("wall_time_s")
+        row["best_checkpoint"] = t.get("best_checkpoint")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df
+
+
+def trial_status(tune_status: str, epochs: int, max_epochs: int, non_finite: bool) -> str:
+    """Tune's status in words a user cares about: completed, stopped early by ASHA, non_finite, error, running."""
+    if non_finite:
+        return "non_finite"
+    if tune_status == "TERMINATED":
+        return "completed" if epochs >= max_epochs else "stopped"
+    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status, tune_status.lower())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading experiments back
+
+
+def experiment_dir(name: str | None, results_dir: Path = RESULTS_DIR) -> Path:
+    """The folder of a named experiment, or of the most recent one when no name is given."""
+    if name:
+        path = results_dir / name
+        if not (path / EXPERIMENT_FILE).is_file():
+            known = ", ".join(e["name"] for e in list_experiments(results_dir)) or "none"
+            raise HamtuneError(f"{path}: no experiment named '{name}' (experiments under {results_dir}/: {known})")
+        return path
+    experiments = list_experiments(results_dir)
+    if not experiments:
+        raise HamtuneError(f"{results_dir}/: no experiments yet (run `hamtune search --space search_spaces/default.yaml`)")
+    return results_dir / experiments[-1]["name"]
+
+
+def read_experiment(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / EXPERIMENT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HamtuneError(f"{path / EXPERIMENT_FILE}: unreadable experiment record ({exc})") from None
+
+
+def list_experiments(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    """Experiments under results_dir, oldest first, with their state and trial counts."""
+    out = []
+    if not results_dir.is_dir():
+        return out
+    for d in results_dir.iterdir():
+        if not (d / EXPERIMENT_FILE).is_file():
+            continue
+        try:
+            rec = json.loads((d / EXPERIMENT_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        trials = d / "trials.parquet"
+        n = len(pd.read_parquet(trials, columns=["trial_id"])) if trials.is_file() else 0
+        out.append({"name": d.name, "state": rec.get("state", "?"), "trials": n, "created": rec.get("created", ""),
+                    "metric": rec.get("metric", "")})
+    return sorted(out, key=lambda e: (e["created"], e["name"]))
+
+
+def load_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    trials, history = path / "trials.parquet", path / "history.parquet"
+    if not trials.is_file():
+        raise HamtuneError(f"{trials}: no results table yet (the search has not finished a trial)")
+    return pd.read_parquet(trials), (pd.read_parquet(history) if history.is_file() else pd.DataFrame())
+
+
+def leaderboard(trials: pd.DataFrame, *, metric: str, mode: str, sort: str | None = None, top: int | None = None) -> pd.DataFrame:
+    """Trials ranked by their best value of `sort` (default: the experiment's metric), compact columns first."""
+    key = sort or metric
+    col = key if key in trials.columns else f"best_{key}"
+    if col not in trials.columns:
+        choices = sorted(c for c in trials.columns if c.startswith("best_") or c.startswith("config."))
+        raise HamtuneError(f"--sort {key!r}: no such column (expected a metric such as {metric} or one of: {', '.join(choices)})")
+    ascending = (mode == "min") if key == metric else key.endswith("loss") or key.startswith("config.") or key in ("wall_time_s",)
+    board = trials.sort_values(col, ascending=ascending, na_position="last", kind="stable")
+    config_cols = [c for c in board.columns if c.startswith("config.")]
+    front = ["trial_id", "status", "epochs", f"best_{metric}", "best_epoch"]
+    extra = [c for c in (col, "best_val_loss", "wall_time_s") if c in board.columns and c not in front]
+    cols = [c for c in front if c in board.columns] + extra + config_cols
+    board = board[cols].rename(columns=lambda c: c.removeprefix("config."))
+    return board.head(top) if top else board
+
+
+def best_trial(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.Series:
+    col = f"best_{metric}"
+    ok = trials[trials["status"].isin(["completed", "stopped"]) & trials.get(col, pd.Series(dtype=float)).notna()] \
+        if col in trials.columns else trials.iloc[0:0]
+    if ok.empty:
+        raise HamtuneError(f"no trial reported '{metric}' (statuses: {dict(trials['status'].value_counts())})")
+    idx = ok[col].idxmax() if mode == "max" else ok[col].idxmin()
+    return ok.loc[idx]
+
+
+def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
+    """Render for a terminal (aligned, rounded), or as CSV / Markdown for pasting elsewhere."""
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    shown = df.copy()
+    for c in shown.columns:
+        if pd.api.types.is_float_dtype(shown[c]):
+            shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else (f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"))
+    if fmt == "markdown":
+        header = "| " + " | ".join(map(str, shown.columns)) + " |"
+        sep = "|" + "|".join("---" for _ in shown.columns) + "|"
+        body = ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+        return "\n".join([header, sep, *body])
+    if fmt != "table":
+        raise HamtuneError(f"--format {fmt!r}: expected table, csv or markdown")
+    return shown.to_string(index=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def write_search_plots(path: Path, trials: pd.DataFrame, history: pd.DataFrame, *, metric: str,
+                       params: list[str]) -> list[Path]:
+    """Every trial's validation curve over epochs (ASHA's stops show as short curves) and metric vs each param."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    if history.empty or metric not in history.columns:
+        return written
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    best_id = None
+    col = f"best_{metric}"
+    if col in trials.columns and trials[col].notna().any():
+        best_id = trials.loc[trials[col].idxmax(), "trial_id"]
+    for trial_id, h in history.groupby("trial_id"):
+        is_best = trial_id == best_id
+        ax.plot(h["epoch"], h[metric], marker="o", ms=3, lw=2.2 if is_best else 1, alpha=1 if is_best else 0.6,
+                label=f"{trial_id} (best)" if is_best else None, zorder=3 if is_best else 2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (short curves: stopped early)")
+    ax.grid(alpha=0.3)
+    if best_id is not None:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, path / "curves.png"))
+    plt.close(fig)
+
+    params = [p for p in params if f"config.{p}" in trials.columns]
+    if params and col in trials.columns:
+        n = len(params)
+        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+        for ax, p in zip(axes[0], params):
+            x = trials[f"config.{p}"]
+            y = trials[col]
+            status = trials["status"]
+            colors = status.map({"completed": "tab:blue", "stopped": "tab:orange"}).fillna("tab:red")
+            if pd.api.types.is_numeric_dtype(x) and not pd.api.types.is_bool_dtype(x):
+                ax.scatter(x, y, c=colors, s=25)
+                if p in ("lr", "weight_decay") and (x > 0).all():
+                    ax.set_xscale("log")
+            else:
+                cats = sorted(x.astype(str).unique())
+                pos = x.astype(str).map({c: i for i, c in enumerate(cats)})
+                ax.scatter(pos + np.random.default_rng(0).uniform(-0.15, 0.15, len(pos)), y, c=colors, s=25)
+                ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel(p)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(col)
+        fig.suptitle(f"{col} vs hyperparameters (blue: completed, orange: stopped by ASHA, red: failed)", fontsize=9)
+        fig.tight_layout()
+        written.append(_save(fig, path / "params.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,357 @@
+"""The search: a thin Ray Tune adapter over the training core, OptunaSearch + ASHA, resume, results tables.
+
+This is the only module that talks to Ray Tune. The driver decodes nothing itself: it asks the data layer for the
+cached arrays, puts train and val into the object store once (tune.with_parameters), and every trial reads them
+zero-copy. The test split is never handed to Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Save the experiment state often, so a killed driver loses at most a few seconds of bookkeeping.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
+
+import numpy as np
+
+from hamtune import results as res
+from hamtune.errors import HamtuneError
+from hamtune.space import SearchSpec
+
+log = logging.getLogger("hamtune")
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainable: runs inside a Ray worker, one call per trial.
+
+
+def train_trial(config: dict, *, train, val, fixed: dict, cpus: float) -> None:
+    """Fit one config, reporting every epoch with a checkpoint; resumes from Tune's checkpoint after a failure."""
+    import torch
+    from ray import tune
+
+    from hamtune.train import TrainConfig, fit, load_state, save_state
+
+    cfg = TrainConfig.from_dict({**fixed, **config, "num_threads": max(1, int(cpus))})
+    torch.set_num_threads(cfg.num_threads)
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(Path(d) / STATE_FILE)
+
+    def on_epoch(metrics: dict, make_state) -> None:
+        with tempfile.TemporaryDirectory(prefix="hamtune-ckpt-") as d:
+            save_state(Path(d) / STATE_FILE, make_state())
+            tune.report({**metrics, "trial_status": "ok"}, checkpoint=tune.Checkpoint.from_directory(d))
+        _inject_crash(int(metrics["epoch"]))
+
+    result = fit(cfg, train, val, on_epoch=on_epoch, state=state)
+    if result.status == "non_finite":
+        # End the trial as non-finite; NaN metrics are ignored by ASHA's cutoffs and Optuna records a failure.
+        nan_metrics = {k: math.nan for k in (result.history[-1] if result.history else {}) if k.startswith("val_")}
+        tune.report({**nan_metrics, "val_balanced_accuracy": math.nan, "val_loss": math.nan, "train_loss": math.nan,
+                     "epoch": result.epochs_run + 1, "trial_status": "non_finite", "message": result.message})
+
+
+def _inject_crash(epoch: int) -> None:
+    """Fault injection for the fault-tolerance test, in the spirit of Ray's own RAY_testing_* switches.
+
+    HAMTUNE_INJECT_CRASH=<marker file> makes the first trial that finishes epoch 1 raise once (the marker file
+    records that it happened, across processes); unset in normal use.
+    """
+    marker = os.environ.get("HAMTUNE_INJECT_CRASH")
+    if not marker or epoch != 1:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise RuntimeError("injected crash (HAMTUNE_INJECT_CRASH)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Searcher, scheduler, results callback
+
+
+def _optuna_search_class():
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningAwareOptunaSearch(OptunaSearch):
+        """OptunaSearch that tells Optuna the truth: ASHA-stopped trials are PRUNED, non-finite ones FAILED.
+
+        Tune's OptunaSearch marks every trial that reported a value COMPLETE, so Optuna's TPE would treat a trial
+        cut at epoch 1 as if its epoch-1 score were final.
+        """
+
+        def __init__(self, *args, max_epochs: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._max_epochs = max_epochs
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials or not result:
+                return super().on_trial_complete(trial_id, result, error)
+            state = None
+            if result.get("trial_status") == "non_finite":
+                state = TrialState.FAIL
+            elif not error and int(result.get("epoch", self._max_epochs)) < self._max_epochs:
+                state = TrialState.PRUNED
+            if state is None:
+                return super().on_trial_complete(trial_id, result, error)
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            except Exception as exc:  # a trial Optuna already closed
+                log.warning("optuna: %s", exc)
+            self._completed_trials.add(trial_id)
+
+    return PruningAwareOptunaSearch
+
+
+def make_searcher(spec: SearchSpec):
+    s = spec.search
+    if s.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=s.seed)
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(5, max(1, s.num_samples // 3))) \
+        if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
+    return _optuna_search_class()(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs)
+
+
+def make_scheduler(spec: SearchSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.search
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    # The epoch is ASHA's clock: trials report once per epoch.
+    return ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=spec.max_epochs,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def _results_callback_class():
+    from ray.tune import Callback
+
+    class ResultsTablesCallback(Callback):
+        """Keeps results/<experiment>/ tables current: rewritten atomically as trials finish and at the end."""
+
+        def __init__(self, exp_dir: Path, spec: SearchSpec, min_interval_s: float = 10.0):
+            self.exp_dir, self.spec, self.min_interval_s = exp_dir.resolve(), spec, min_interval_s
+            self.history: list[dict] = []
+            self.wall: dict[str, float] = {}
+            self._last_write = 0.0
+
+        def setup(self, **info):
+            """Runs at the start and again on resume (Tune restores this object from its own pickle)."""
+            import pandas as pd
+
+            previous = self.exp_dir / "history.parquet"
+            self.history = pd.read_parquet(previous).to_dict("records") if previous.is_file() else []
+            trials = self.exp_dir / "trials.parquet"
+            if trials.is_file():
+                t = pd.read_parquet(trials)
+                self.wall = {r.trial_id: float(r.wall_time_s or 0) for r in t.itertuples()}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.history.append({"trial_id": trial.trial_id, **res.metric_values(result)})
+            self.wall[trial.trial_id] = float(result.get("time_total_s", 0.0))
+            if time.monotonic() - self._last_write > self.min_interval_s:
+                self.write(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.write(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.write(trials)
+
+        def on_experiment_end(self, trials, **info):
+            self.write(trials)
+
+        def write(self, trials) -> None:
+            write_tables(self.exp_dir, self.spec, self.history, [
+                {"trial_id": t.trial_id, "tune_status": t.status, "config": t.config,
+                 "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
+            self._last_write = time.monotonic()
+
+    return ResultsTablesCallback
+
+
+def write_tables(exp_dir: Path, spec: SearchSpec, history_rows: list[dict], trial_rows: list[dict]) -> None:
+    history = res.history_table(history_rows)
+    trials = res.trials_table(trial_rows, history, metric=spec.search.metric, mode=spec.search.mode,
+                              max_epochs=spec.max_epochs)
+    res.atomic_write_table(history, exp_dir / "history.parquet")
+    res.atomic_write_table(trials, exp_dir / "trials.parquet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class SearchOutcome:
+    exp_dir: Path
+    state: str  # finished | interrupted
+    wall_time_s: float
+    trials: Any  # pandas DataFrame
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Local Ray on 127.0.0.1 by default; --address joins a running cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_storage(storage_path: str | None) -> None:
+    """A multi-node search needs storage every node can reach; refuse before any trial starts."""
+    nodes = alive_nodes()
+    if len(nodes) > 1 and not storage_path:
+        raise HamtuneError(
+            f"this Ray cluster has {len(nodes)} nodes, so trials need shared storage for checkpoints: pass "
+            "--storage-path s3://bucket/prefix (or gs://..., or an NFS folder mounted at the same path on every node)")
+
+
+def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
+               storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
+               verbose: int = 1) -> SearchOutcome:
+    """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the leaderboard."""
+    from ray import tune
+
+    from hamtune.data import SplitSpec, prepare
+
+    exp_dir = results_dir / spec.experiment
+    record_path = exp_dir / res.EXPERIMENT_FILE
+    if resume:
+        if not record_path.is_file():
+            raise HamtuneError(f"{exp_dir}: nothing to resume (no {res.EXPERIMENT_FILE}); start it with hamtune search --space ...")
+        storage_path = storage_path or res.read_experiment(exp_dir).get("storage_path")
+    elif record_path.is_file():
+        raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
+                           f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+
+    d = spec.data
+    data = prepare(d.source, d.image_size, cache_dir=Path(d.cache_dir) if d.cache_dir else None,
+                   split=SplitSpec(val=d.val, test=d.test, seed=d.split_seed), strict=d.strict,
+                   synthetic_size=d.synthetic_size, synthetic_seed=d.synthetic_seed)
+    train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
+
+    init_ray(address, num_cpus)
+    check_storage(storage_path)
+    if storage_path:
+        tune_storage, tune_name = storage_path, spec.experiment
+    else:
+        tune_storage, tune_name = str((exp_dir).resolve()), "tune"
+    tune_path = f"{tune_storage.rstrip('/')}/{tune_name}"
+
+    previous = res.read_experiment(exp_dir) if resume else {}
+    if previous.get("data", {}).get("fingerprint") not in (None, data.fingerprint):
+        raise HamtuneError(f"{record_path}: the data changed since this experiment started (fingerprint "
+                           f"{previous['data']['fingerprint']} -> {data.fingerprint}); start a new experiment with --name")
+    record = {
+        "name": spec.experiment, "state": "running", "metric": spec.search.metric, "mode": spec.search.mode,
+        "created": previous.get("created") or _now(), "wall_time_s": previous.get("wall_time_s"),
+        "updated": _now(), "spec": spec.to_dict(), "spec_file": spec.source_file, "tune_path": tune_path,
+        "storage_path": storage_path, "data": {"fingerprint": data.fingerprint, "cache": str(data.path),
+                                                "sizes": data.split_sizes()},
+        "max_epochs": spec.max_epochs, "searched": spec.searched_keys(),
+    }
+    res.atomic_write_json(record_path, record)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    start = time.monotonic()
+    if resume and tune.Tuner.can_restore(tune_path):
+        # Finished trials, the searcher's state and our results callback all come back from Tune's own records.
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.tune_space(),
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(spec), scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+                **({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
+                   else {"metric": spec.search.metric, "mode": spec.search.mode})),
+            run_config=tune.RunConfig(
+                name=tune_name, storage_path=tune_storage, verbose=verbose,
+                callbacks=[_results_callback_class()(exp_dir, spec)],
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=spec.search.metric,
+                    checkpoint_score_order=spec.search.mode),  # keeps the best and, always, the latest
+                progress_reporter=_reporter(spec) if verbose else None),
+        )
+    grid = tuner.fit()
+    wall = time.monotonic() - start
+
+    # The callback wrote the tables; add each trial's best checkpoint for `hamtune best`.
+    trials, history = res.load_tables(exp_dir)
+    best_ckpts = {}
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id")
+        if trial_id is None:
+            continue
+        try:
+            ck = r.get_best_checkpoint(spec.search.metric, spec.search.mode)
+        except (RuntimeError, ValueError, KeyError):
+            ck = None
+        ck = ck or r.checkpoint
+        if ck is not None:
+            best_ckpts[trial_id] = ck.path
+    trials["best_checkpoint"] = trials["trial_id"].map(best_ckpts)
+    res.atomic_write_table(trials, exp_dir / "trials.parquet")
+    done = trials["status"].isin(["completed", "stopped", "non_finite", "error"])
+    finished = bool(done.all()) and len(trials) >= spec.search.num_samples
+    record.update(state="finished" if finished else "interrupted", updated=_now(),
+                  wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
+    res.atomic_write_json(record_path, record)
+    try:
+        res.write_search_plots(exp_dir, trials, history, metric=spec.search.metric, params=spec.searched_keys())
+    except Exception as exc:  # a plot is never worth losing the search over
+        log.warning("could not draw the search plots: %s", exc)
+    return SearchOutcome(exp_dir=exp_dir, state=record["state"], wall_time_s=wall, trials=trials)
+
+
+def _reporter(spec: SearchSpec):
+    from ray.tune import CLIReporter
+
+    cols = {"epoch": "epoch", spec.search.metric: spec.search.metric.removeprefix("val_"), "val_loss": "val_loss",
+            "train_images_per_s": "img/s"}
+    return CLIReporter(metric_columns=cols, parameter_columns=spec.searched_keys(), max_report_frequency=30,
+                       metric=spec.search.metric, mode=spec.search.mode, sort_by_metric=True, max_progress_rows=12)
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
