@@ -151,6 +151,12 @@ def cmd_search(args) -> int:
         if not args.space:
             raise HamtuneError("search needs --space FILE (e.g. search_spaces/default.yaml) or --resume [NAME]")
         spec = load_spec(args.space, overrides)
+        name = res.unused_name(spec.experiment, args.results_dir)
+        if name != spec.experiment:
+            state = res.read_experiment(args.results_dir / spec.experiment).get("state")
+            hint = f" (it is {state}: `hamtune search --resume {spec.experiment}` continues it)" if state != "finished" else ""
+            print(f"results/{spec.experiment} already holds an experiment{hint}; this search is '{name}'")
+            spec.experiment = name
 
     from hamtune.search import run_search
 

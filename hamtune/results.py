@@ -147,6 +147,15 @@ def experiment_dir(name: str | None, results_dir: Path = RESULTS_DIR) -> Path:
     return results_dir / experiments[-1]["name"]
 
 
+def unused_name(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`name`, or `name-2`, `name-3`... so that a new search never writes into an existing experiment."""
+    candidate, n = name, 1
+    while (results_dir / candidate / EXPERIMENT_FILE).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def read_experiment(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / EXPERIMENT_FILE).read_text())

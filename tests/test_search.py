@@ -1,0 +1,208 @@
+"""End-to-end searches on a real local Ray: tables, ASHA stops, checkpoints, crash retry, NaN trials, kill -9 + resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from hamtune import results as res
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp_path: Path, cache_dir: Path, **changes) -> dict:
+    spec = {
+        "experiment": "tiny",
+        "data": {"source": "synthetic", "synthetic_size": 400, "image_size": 16, "cache_dir": str(cache_dir)},
+        "model": {"name": "resnet10t", "head_hidden": 32, "head_dropout": 0.1},
+        "train": {"epochs": 3, "batch_size": 32, "warmup_epochs": 0.5},
+        "search": {"num_samples": 6, "max_concurrent": 1, "grace_period": 1, "reduction_factor": 2, "seed": 3,
+                   "max_failures": 1},
+        "resources": {"cpu": 1},
+        "space": {"lr": {"loguniform": [1e-4, 3e-2]}, "augment_strength": {"uniform": [0, 1]},
+                  "imbalance": {"choice": ["none", "weighted_loss", "oversample", "focal"]}},
+    }
+    for dotted, value in changes.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return spec
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from hamtune.search import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, ray_local):
+    """One real search with ASHA, a crash injected once into a trial, shared by the assertions below."""
+    from hamtune.search import run_search
+    from hamtune.space import spec_from_dict
+
+    tmp = tmp_path_factory.mktemp("search")
+    marker = tmp / "crashed"
+    os.environ["HAMTUNE_INJECT_CRASH"] = str(marker)
+    try:
+        spec = spec_from_dict(tiny_spec(tmp, tmp / "cache"), source="tiny.yaml")
+        outcome = run_search(spec, results_dir=tmp / "results", verbose=0)
+    finally:
+        os.environ.pop("HAMTUNE_INJECT_CRASH")
+    return tmp, spec, outcome, marker
+
+
+def test_search_writes_tables_and_asha_stops_some_trials(finished_search):
+    tmp, spec, outcome, _ = finished_search
+    exp = tmp / "results" / "tiny"
+    assert outcome.state == "finished"
+    trials, history = res.load_tables(exp)
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    # history: one row per trial and epoch, epochs consecutive from 1
+    assert len(history) == trials["epochs"].sum()
+    for trial_id, h in history.groupby("trial_id"):
+        assert list(h["epoch"]) == list(range(1, len(h) + 1))
+    assert (trials.loc[trials["status"] == "completed", "epochs"] == 3).all()
+    assert (trials["status"] == "stopped").any(), "ASHA stopped no trial"
+    assert trials["epochs"].nunique() > 1
+    for col in ("config.lr", "config.augment_strength", "config.imbalance", "best_val_balanced_accuracy",
+                "last_val_balanced_accuracy", "best_epoch", "wall_time_s", "best_checkpoint", "last_train_loss"):
+        assert col in trials.columns, col
+    assert trials["best_val_balanced_accuracy"].between(0, 1).all()
+    for name in ("trials.parquet", "trials.csv", "history.parquet", "history.csv", "experiment.json", "curves.png", "params.png"):
+        assert (exp / name).is_file(), name
+    pd.testing.assert_frame_equal(pd.read_csv(exp / "trials.csv")[["trial_id", "epochs"]], trials[["trial_id", "epochs"]])
+
+
+def test_crashed_trial_was_retried_from_its_checkpoint(finished_search):
+    tmp, _, _, marker = finished_search
+    assert marker.exists(), "the injected crash never fired"
+    _, history = res.load_tables(tmp / "results" / "tiny")
+    # The crash came right after epoch 1's checkpoint: the retried trial resumes at epoch 2, so no epoch repeats
+    # and no trial is missing epochs.
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    trials, _ = res.load_tables(tmp / "results" / "tiny")
+    assert "error" not in set(trials["status"])
+
+
+def test_best_checkpoint_reproduces_reported_metric(finished_search):
+    from hamtune.data import SplitSpec, prepare
+    from hamtune.metrics import classification_metrics
+    from hamtune.train import TrainConfig, build_model, load_state, predict_proba
+
+    tmp, spec, _, _ = finished_search
+    trials, _ = res.load_tables(tmp / "results" / "tiny")
+    best = res.best_trial(trials, metric="val_balanced_accuracy", mode="max")
+    state = load_state(Path(best["best_checkpoint"]) / "state.pt")
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    d = spec.data
+    data = prepare("synthetic", d.image_size, cache_dir=Path(d.cache_dir), split=SplitSpec(d.val, d.test, d.split_seed),
+                   synthetic_size=d.synthetic_size, synthetic_seed=d.synthetic_seed, progress=False)
+    assert data.decoded == 0  # the search already decoded it
+    val = data.arrays("val")
+    probs = predict_proba(model, val.images, val.meta, batch_size=64)
+    got = classification_metrics(val.labels, probs)["balanced_accuracy"]
+    assert got == pytest.approx(best["best_val_balanced_accuracy"], abs=1e-6)
+
+
+def test_results_command_prints_leaderboard(finished_search):
+    tmp, *_ = finished_search
+    run = lambda *a: subprocess.run([sys.executable, "-m", "hamtune.cli", "results", *a, "--results-dir",
+                                     str(tmp / "results")], capture_output=True, text=True, timeout=120)
+    listing = run()
+    assert listing.returncode == 0 and "tiny" in listing.stdout and "finished" in listing.stdout
+    board = run("tiny", "--top", "3")
+    assert board.returncode == 0, board.stderr
+    lines = board.stdout.strip().splitlines()
+    assert len(lines) == 2 + 3  # title, header, 3 trials
+    csv = run("tiny", "--format", "csv", "--sort", "config.lr")
+    table = pd.read_csv(__import__("io").StringIO(csv.stdout))
+    assert list(table["lr"]) == sorted(table["lr"])
+    md = run("tiny", "--format", "markdown")
+    assert md.stdout.startswith("| trial_id |")
+    missing = run("nope")
+    assert missing.returncode == 2 and "no experiment named 'nope'" in missing.stderr
+
+
+def test_non_finite_trial_ends_alone(tmp_path, ray_local):
+    from hamtune.search import run_search
+    from hamtune.space import spec_from_dict
+
+    raw = tiny_spec(tmp_path, tmp_path / "cache", **{
+        "search.searcher": "random", "search.scheduler": "fifo", "search.num_samples": 4, "search.max_concurrent": 2,
+        "train.epochs": 2, "space": {"lr": {"choice": [1e-3, 1e12]}}, "search.seed": 1})
+    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
+    trials = outcome.trials
+    lrs = trials["config.lr"]
+    assert (lrs == 1e12).any() and (lrs == 1e-3).any(), "seeded random search should draw both values"
+    assert set(trials.loc[lrs == 1e12, "status"]) == {"non_finite"}
+    assert set(trials.loc[lrs == 1e-3, "status"]) == {"completed"}
+    assert trials.loc[lrs == 1e-3, "best_val_balanced_accuracy"].notna().all()
+
+
+def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
+    spec = tiny_spec(tmp_path, tmp_path / "cache", **{"search.num_samples": 8, "experiment": "killed"})
+    spec_path = write_spec(tmp_path, spec)
+    cmd = [sys.executable, "-m", "hamtune.cli", "search", "--results-dir", str(tmp_path / "results")]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([*cmd, "--space", str(spec_path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exp = tmp_path / "results" / "killed"
+    before = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (exp / "trials.parquet").is_file():
+                t = pd.read_parquet(exp / "trials.parquet")
+                done = t[t["status"].isin(["completed", "stopped"])]
+                if len(done) >= 2:
+                    time.sleep(6)  # let Tune save its experiment state past these trials
+                    before = pd.read_parquet(exp / "trials.parquet")
+                    break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, as in a reboot
+        proc.wait(timeout=60)
+    assert before is not None, "the search finished or stalled before it could be killed"
+    assert res.read_experiment(exp)["state"] == "running"
+    finished_before = before[before["status"].isin(["completed", "stopped"])]
+    assert len(finished_before) < 8
+
+    resumed = subprocess.run([*cmd, "--resume", "killed"], env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after, history = res.load_tables(exp)
+    assert res.read_experiment(exp)["state"] == "finished"
+    assert len(after) == 8 and set(after["status"]) <= {"completed", "stopped"}
+    merged = finished_before.merge(after, on="trial_id", suffixes=("_before", "_after"))
+    assert len(merged) == len(finished_before)
+    for col in ("epochs", "best_val_balanced_accuracy", "config.lr", "status"):
+        assert (merged[f"{col}_before"] == merged[f"{col}_after"]).all(), col
+    assert not history.duplicated(["trial_id", "epoch"]).any()
