@@ -165,7 +165,7 @@ def cmd_search(args) -> int:
     board = res.leaderboard(outcome.trials, metric=spec.search.metric, mode=spec.search.mode, top=10)
     print()
     print(f"experiment {spec.experiment}: {outcome.state} in {outcome.wall_time_s:.0f} s, {len(outcome.trials)} trials "
-          f"({dict(outcome.trials['status'].value_counts())})")
+          f"({', '.join(f'{n} {s}' for s, n in outcome.trials['status'].value_counts().items())})")
     print(res.format_table(board))
     print(f"\ntables and plots: {outcome.exp_dir}/  (hamtune results {spec.experiment}; hamtune best {spec.experiment} --retrain)")
     if outcome.state != "finished":
