@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    if args.command == "search" and not args.address:
+        from hamtune.search import use_loopback_only
+
+        use_loopback_only()
     try:
         handler = {"data": cmd_data, "search": cmd_search, "results": cmd_results, "best": cmd_best,
                    "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]

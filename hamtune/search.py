@@ -218,6 +218,8 @@ class SearchOutcome:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Local Ray on 127.0.0.1 by default; --address joins a running cluster."""
+    if not address:
+        use_loopback_only()
     import ray
 
     if ray.is_initialized():
@@ -227,6 +229,15 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def use_loopback_only() -> None:
+    """Keep a single-machine Ray on 127.0.0.1 instead of the machine's network address.
+
+    Ray reads this switch when it is first imported (it is how Ray itself stays on loopback on macOS and Windows), so
+    the CLI calls this before anything imports ray; the raylet's workers inherit it.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def alive_nodes() -> list[dict]:
