@@ -257,7 +257,7 @@ def check_storage(storage_path: str | None) -> None:
 
 def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
                storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
-               verbose: int = 1) -> SearchOutcome:
+               verbose: int = 1, reuse_actors: bool = True) -> SearchOutcome:
     """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the leaderboard."""
     from ray import tune
 
@@ -315,7 +315,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
             param_space=spec.tune_space(),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(spec), scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
-                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors,
                 **({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
                    else {"metric": spec.search.metric, "mode": spec.search.mode})),
             run_config=tune.RunConfig(

@@ -1,4 +1,16 @@
-"""HAM10000 constants: the fixed class order, diagnosis names and the metadata encoding used everywhere."""
+"""HAM10000 constants: the fixed class order, diagnosis names and the metadata encoding used everywhere, and the
+validating reader of the Kaggle folder layout."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hamtune.errors import HamtuneError
 
 # One class order for the whole product: labels, model outputs, reports and saved models all use it.
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -24,3 +36,189 @@ LOCALIZATIONS = (
 )
 # age/100, sex one-hot, localization one-hot
 META_DIM = 1 + len(SEXES) + len(LOCALIZATIONS)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The validating reader of the Kaggle layout. Everything a user can get wrong about the folder is reported here as a
+# one-line HamtuneError; rows and files that merely do not pair up are returned as `problems` so a run can go on.
+
+METADATA_FILE = "HAM10000_metadata.csv"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PROBLEM_KINDS = ("missing_image", "unlisted_image", "unreadable_image")
+PROBLEM_COLUMNS = ("kind", "image_id", "path", "detail")
+TABLE_COLUMNS = ("image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex", "localization")
+_LAYOUT_HINT = f"expected the Kaggle layout: {METADATA_FILE} next to HAM10000_images_part_1/ and HAM10000_images_part_2/"
+_NA_TOKENS = {"", "nan", "na", "n/a", "none", "null", "unknown"}
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """What a data folder holds, found without decoding anything (cheap enough to run on every prepare)."""
+
+    root: Path
+    metadata: Path
+    images: dict[str, Path]  # image_id -> file; one file per id
+    listing: tuple[tuple[str, int, int], ...]  # (relative name, size, mtime_ns) of every image file, sorted
+
+
+def scan_source(root: str | Path) -> SourceFiles:
+    """Find the metadata file in `root` and the image files anywhere below it.
+
+    Kaggle ships the same images twice (HAM10000_images_part_1/ and ham10000_images_part_1/): files that share a stem
+    and a size are one image, the first in sorted order is used. Same stem with different sizes is ambiguous and fatal.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise HamtuneError(f"{root}: data folder does not exist; {_LAYOUT_HINT}")
+    if not root.is_dir():
+        raise HamtuneError(f"{root}: is a file, not a data folder; {_LAYOUT_HINT}")
+
+    found: list[tuple[str, Path, os.stat_result]] = []
+    anything = False
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        anything = anything or bool(filenames) or bool(dirnames)
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(dirpath) / name
+            found.append((path.relative_to(root).as_posix(), path, path.stat()))
+    if not found:
+        what = "is empty" if not anything else "holds no .jpg/.jpeg/.png image files (searched all subfolders)"
+        raise HamtuneError(f"{root}: data folder {what}; {_LAYOUT_HINT}")
+
+    metadata = root / METADATA_FILE
+    if not metadata.is_file():
+        matches = sorted(p for p in root.iterdir() if p.name.lower() == METADATA_FILE.lower() and p.is_file())
+        if not matches:
+            raise HamtuneError(f"{root}: no metadata file {METADATA_FILE} in this folder; {_LAYOUT_HINT}")
+        metadata = matches[0]
+
+    found.sort(key=lambda item: item[0])
+    images: dict[str, Path] = {}
+    sizes: dict[str, tuple[str, int]] = {}
+    for rel, path, st in found:
+        image_id = path.stem
+        if image_id in images:
+            first_rel, first_size = sizes[image_id]
+            if first_size != st.st_size:
+                raise HamtuneError(
+                    f"{root}: image_id {image_id} has two different files, {first_rel} ({first_size} bytes) and "
+                    f"{rel} ({st.st_size} bytes); expected one file per image_id"
+                )
+            continue
+        images[image_id] = path
+        sizes[image_id] = (rel, st.st_size)
+    listing = tuple((rel, st.st_size, st.st_mtime_ns) for rel, _, st in found)
+    return SourceFiles(root=root, metadata=metadata, images=images, listing=listing)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise HamtuneError(f"{path}: metadata file is empty; expected a header {','.join(METADATA_COLUMNS)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HamtuneError(f"{path}: cannot be read as CSV ({first}); expected a comma-separated HAM10000 metadata file") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    return raw
+
+
+def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate the metadata file and pair its rows with the image files.
+
+    Returns (table, problems): table has TABLE_COLUMNS plus `path`, sorted by image_id, one row per image that has
+    both a metadata row and a file; problems lists rows without a file and files without a row.
+    """
+    path = files.metadata
+    raw = _read_csv(path)
+    missing = [c for c in METADATA_COLUMNS if c not in raw.columns]
+    if missing:
+        raise HamtuneError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected columns {', '.join(METADATA_COLUMNS)}"
+        )
+    if raw.empty:
+        raise HamtuneError(f"{path}: metadata file has a header but no rows; expected one row per image")
+    meta = raw[list(METADATA_COLUMNS)].apply(lambda col: col.str.strip())
+    line = pd.Series(np.arange(len(meta)) + 2, index=meta.index)  # 1-based file line; line 1 is the header
+
+    for column in ("image_id", "lesion_id"):
+        empty = meta[column] == ""
+        if empty.any():
+            raise HamtuneError(f"{path}: line {line[empty].iloc[0]}: {column} is empty; expected an id on every row")
+
+    meta["dx"] = meta["dx"].str.lower()
+    unknown = ~meta["dx"].isin(CLASSES)
+    if unknown.any():
+        first = unknown.idxmax()
+        raise HamtuneError(
+            f"{path}: line {line[first]}: dx {raw.loc[first, 'dx']!r} is not a HAM10000 diagnosis code; "
+            f"expected one of {', '.join(CLASSES)}"
+        )
+
+    duplicated = meta["image_id"].duplicated(keep=False)
+    if duplicated.any():
+        image_id = meta.loc[duplicated.idxmax(), "image_id"]
+        lines = ", ".join(str(n) for n in line[meta["image_id"] == image_id])
+        raise HamtuneError(f"{path}: image_id {image_id} appears on lines {lines}; expected each image listed once")
+
+    age_text = meta["age"].str.lower()
+    age = pd.to_numeric(age_text.where(~age_text.isin(_NA_TOKENS)), errors="coerce")
+    bad_age = age.isna() & ~age_text.isin(_NA_TOKENS)
+    if bad_age.any():
+        first = bad_age.idxmax()
+        raise HamtuneError(f"{path}: line {line[first]}: age {raw.loc[first, 'age']!r} is not a number; expected years or empty")
+    meta["age"] = age.astype("float64")
+    for column in ("dx_type", "sex", "localization"):
+        meta[column] = meta[column].str.lower().replace("", "unknown")
+    meta["label"] = meta["dx"].map({code: i for i, code in enumerate(CLASSES)}).astype("int64")
+
+    has_file = meta["image_id"].isin(files.images.keys())
+    listed = set(meta["image_id"])
+    problems = [
+        ("missing_image", image_id, "", f"{path.name} line {n} lists it but no image file with that name was found")
+        for image_id, n in zip(meta.loc[~has_file, "image_id"], line[~has_file])
+    ]
+    problems += [
+        ("unlisted_image", image_id, file.relative_to(files.root).as_posix(), f"no row in {path.name}")
+        for image_id, file in sorted(files.images.items())
+        if image_id not in listed
+    ]
+
+    table = meta.loc[has_file, list(TABLE_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
+    table["path"] = [str(files.images[image_id]) for image_id in table["image_id"]]
+    if table.empty:
+        raise HamtuneError(
+            f"{path}: none of its {len(meta)} rows matches one of the {len(files.images)} image files under "
+            f"{files.root}; expected image file names ISIC_xxxxxxx.jpg equal to the image_id column"
+        )
+    return table, make_problems(problems)
+
+
+def make_problems(rows: list[tuple[str, str, str, str]] | None = None) -> pd.DataFrame:
+    """The problems table (one row per skipped item), always with the same columns, even when empty."""
+    return pd.DataFrame(rows or [], columns=list(PROBLEM_COLUMNS), dtype=str)
+
+
+def load_metadata(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read and validate a HAM10000 folder (no image decoding): (table with a `path` column, problems)."""
+    return read_metadata(scan_source(root))
+
+
+def encode_meta(table: pd.DataFrame) -> np.ndarray:
+    """Metadata features for the model: age/100 (missing -> 0.5), sex one-hot, localization one-hot.
+
+    Values outside SEXES / LOCALIZATIONS (including missing) count as "unknown", so any table encodes.
+    """
+    n = len(table)
+    out = np.zeros((n, META_DIM), dtype=np.float32)
+    age = pd.to_numeric(table["age"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
+    out[:, 0] = np.where(np.isnan(age), 0.5, age)
+    offset = 1
+    for column, vocabulary in (("sex", SEXES), ("localization", LOCALIZATIONS)):
+        values = table[column].astype("string").str.strip().str.lower().fillna("unknown")
+        codes = pd.Categorical(values, categories=vocabulary).codes.astype(np.int64)
+        codes[codes < 0] = vocabulary.index("unknown")
+        out[np.arange(n), offset + codes] = 1.0
+        offset += len(vocabulary)
+    return out
