@@ -1,0 +1,220 @@
+"""The files of an evaluation report: predictions and per-class tables, metrics.json, the two pictures, report.md.
+
+best.py computes; this module only writes what it is given, every file atomically (temp file + rename), so a report
+folder never holds half a file. Plots use matplotlib's Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hamtune.data.ham10000 import CLASSES, DIAGNOSES
+from hamtune.results import atomic_write_bytes
+
+PROB_PREFIX = "prob_"
+
+
+def predictions_table(image_ids: Sequence[str], lesion_ids: Sequence[str | None] | None, y_true: np.ndarray | None,
+                      probs: np.ndarray, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """One row per image: ids, true and predicted diagnosis code, one probability column per class."""
+    y_pred = probs.argmax(axis=1)
+    table = pd.DataFrame({"image_id": list(image_ids)})
+    if lesion_ids is not None:
+        table["lesion_id"] = list(lesion_ids)
+    if y_true is not None:
+        table["true_dx"] = [classes[i] for i in y_true]
+    table["predicted_dx"] = [classes[i] for i in y_pred]
+    for i, name in enumerate(classes):
+        table[f"{PROB_PREFIX}{name}"] = probs[:, i]
+    return table
+
+
+def json_ready(value: Any) -> Any:
+    """NaN/inf -> None and numpy -> Python, so metrics.json is strict JSON any reader accepts."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    atomic_write_bytes(path, (json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n").encode())
+    return path
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> Path:
+    atomic_write_bytes(path, table.to_csv(index=False).encode())
+    return path
+
+
+def write_evaluation(out_dir: Path, predictions: pd.DataFrame, metrics: Mapping[str, Any],
+                     classification_report: pd.DataFrame) -> list[Path]:
+    """metrics.json, classification_report.csv, predictions.csv and confusion_matrix.png in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = classification_report.reset_index().rename(columns={"index": "class"})
+    written = [
+        write_json(out_dir / "metrics.json", metrics),
+        write_csv(out_dir / "classification_report.csv", report),
+        write_csv(out_dir / "predictions.csv", predictions),
+        plot_confusion_matrix(out_dir / "confusion_matrix.png", np.asarray(metrics["confusion_matrix"]),
+                              title=f"n = {int(np.asarray(metrics['confusion_matrix']).sum())} images"),
+    ]
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_confusion_matrix(path: Path, counts: np.ndarray, classes: Sequence[str] = CLASSES, title: str = "") -> Path:
+    """Counts and row-normalised (recall per true class) side by side; class names on both axes."""
+    plt = _pyplot()
+    counts = np.asarray(counts, dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(rows > 0, counts / np.maximum(rows, 1), np.nan)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    panels = ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised (recall)", ".2f"))
+    for ax, values, name, fmt in panels:
+        shown = np.nan_to_num(values.astype(float), nan=0.0)
+        image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if fmt == ".2f" else max(1, shown.max()))
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=45, ha="right")
+        ax.set_yticks(ticks, classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+        limit = shown.max() / 2 if shown.max() > 0 else 0.5
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values[i, j]
+                text = "–" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if shown[i, j] > limit else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(path: Path, histories: Mapping[int, Sequence[Mapping[str, Any]]]) -> Path:
+    """Training loss per epoch, one line per seed (the retrain has no validation split to plot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for seed, history in histories.items():
+        epochs = [int(h["epoch"]) for h in history]
+        losses = [float(h["train_loss"]) for h in history]
+        ax.plot(epochs, losses, marker="o", ms=4, label=f"seed {seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.set_title("retrain on train+val: training loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def metrics_markdown(metrics: Mapping[str, Any]) -> str:
+    """The headline metrics as a table: value (with CI) and, with several seeds, mean ± std across seeds."""
+    across = metrics.get("across_seeds") or {}
+    header = "| metric | value |" + (" mean ± std over seeds |" if across else "")
+    lines = [header, "|---|---|" + ("---|" if across else "")]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
+        value = _fmt(metrics.get(key))
+        if key == "balanced_accuracy" and metrics.get("balanced_accuracy_ci95"):
+            lo, hi = metrics["balanced_accuracy_ci95"]
+            value += f" (95% CI {_fmt(lo)}–{_fmt(hi)})"
+        row = f"| {key} | {value} |"
+        if across:
+            s = across.get(key, {})
+            row += f" {_fmt(s.get('mean'))} ± {_fmt(s.get('std'))} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def per_class_markdown(classification_report: pd.DataFrame) -> str:
+    lines = ["| class | diagnosis | precision | recall | F1 | support |", "|---|---|---|---|---|---|"]
+    for name, row in classification_report.iterrows():
+        lines.append(f"| {name} | {DIAGNOSES.get(name, '')} | {_fmt(float(row['precision']))} | "
+                     f"{_fmt(float(row['recall']))} | {_fmt(float(row['f1']))} | {int(row['support'])} |")
+    return "\n".join(lines)
+
+
+def write_report_md(path: Path, *, title: str, intro: Sequence[str], metrics: Mapping[str, Any],
+                    classification_report: pd.DataFrame, sections: Sequence[tuple[str, str]] = (),
+                    pictures: Sequence[tuple[str, str]] = (), files: Sequence[str] = ()) -> Path:
+    """A short report tying the files together: intro lines, metrics, extra sections, pictures, file list."""
+    parts = [f"# {title}", "", *intro, "", "## Test metrics" if "n_test" in metrics else "## Metrics", "",
+             metrics_markdown(metrics), ""]
+    boot = metrics.get("bootstrap")
+    if boot:
+        parts += [f"Balanced-accuracy CI: percentile bootstrap, {boot['resamples']} resamples (seed {boot['seed']}), "
+                  f"resampling {boot['unit']}s{' (images of one lesion are correlated)' if boot['unit'] == 'lesion' else ''}.", ""]
+    parts += ["### Per class", "", per_class_markdown(classification_report), ""]
+    for heading, body in sections:
+        parts += [f"## {heading}", "", body, ""]
+    for caption, file in pictures:
+        parts += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    if files:
+        parts += ["## Files", "", *[f"- `{f}`" for f in files], ""]
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return path
+
+
+def config_markdown(config: Mapping[str, Any], searched: Sequence[str] = ()) -> str:
+    lines = ["| setting | value |", "|---|---|"]
+    for key in sorted(config):
+        mark = " (searched)" if key in searched else ""
+        value = config[key]
+        lines.append(f"| {key}{mark} | {f'{value:.4g}' if isinstance(value, float) else _fmt(value)} |")
+    return "\n".join(lines)
