@@ -1,0 +1,196 @@
+"""Shared helpers for the bench/ scripts: where things go, what machine ran them, timing, and BENCHMARKS.md sections.
+
+Every script measures its variants side by side in one process run and writes ONE section of BENCHMARKS.md, which it
+replaces on a rerun (text between its "## " heading and the next "## " heading), so numbers never pile up and the
+sections written by other scripts are left alone. Scratch data (caches, Ray results) goes to bench/out/, which git
+ignores, never to results/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+OUT = ROOT / "bench" / "out"  # git-ignored scratch space
+
+HEADER = """# Benchmarks
+
+How to run: `make bench` (it runs `bash bench/run_all`, which runs every `bench/bench_*.py` script in turn with
+`.venv/bin/python`). Each script can also be run alone; each one measures its variants side by side in one run on one
+machine and REPLACES its own section below, headed with the exact command, the machine, the date and the library
+versions. Compare numbers only within a section: the ratios are the result, absolute rates depend on the machine and
+on what else ran at the time (the load average at the start of the run is recorded). Scratch data goes to
+`bench/out/` (git-ignored).
+"""
+
+
+def out_dir(*parts: str) -> Path:
+    """A folder under bench/out/ (created)."""
+    path = OUT.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary folder under bench/out/ for one run's Ray results (removed by the caller if it likes)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=out_dir()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What ran where
+
+
+def memory_total_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:
+        pass
+    return "none"
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    cores_text = f"{cores} cores" + (f" ({usable} usable)" if usable != cores else "")
+    return f"{cores_text}, {memory_total_gib():.0f} GiB RAM, GPU: {gpu_name()}, {platform.system()} {platform.machine()}"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ("torch", "torchvision", "ray", "optuna", "timm", "numpy")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return f"python {platform.python_version()}, " + ", ".join(found)
+
+
+def command_line() -> str:
+    """How this script was started, as a command to paste from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(ROOT)
+    return "RAY_USAGE_STATS_ENABLED=0 .venv/bin/python " + shlex.join([str(script), *sys.argv[1:]])
+
+
+def run_header(started_load: str | None = None) -> str:
+    """The lines every section starts with: command, machine, date, versions, load average at the start."""
+    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return "\n".join([
+        f"- Command: `{command_line()}` (part of `make bench`)",
+        f"- Machine: {machine()}",
+        f"- Date: {now}",
+        f"- Versions: {versions()}",
+        f"- Load average (1/5/15 min) at the start: {started_load or load_average()}",
+    ]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds, after `warmup` untimed calls; the median shrugs off one-off stalls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value is None or value != value:  # None or NaN
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """`text` with the section `heading` (a "## ..." line) replaced by heading + body, or appended if absent."""
+    heading = heading.rstrip()
+    block = heading + "\n\n" + body.strip("\n") + "\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + block if text.strip() else block
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    return "".join(lines[:start]) + block + ("\n" + tail if tail else "")
+
+
+def write_section(heading: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or add) one "## " section of BENCHMARKS.md atomically, keeping every other section as it is.
+
+    A lock file serialises concurrent writers (several bench scripts may finish together); the new text goes to a
+    temp file in the same folder and replaces the old one with os.replace, so a reader never sees half a file.
+    """
+    if not heading.startswith("## "):
+        raise ValueError(f"section heading must start with '## ', got {heading!r}")
+    lock_path = out_dir() / ".benchmarks.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.is_file() else ""
+        if not text.startswith("# "):
+            text = HEADER + ("\n" + text if text.strip() else "")
+        new = replace_section(text, heading, body)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(new)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
