@@ -121,12 +121,12 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
 
 
 def trial_status(tune_status: str, epochs: int, max_epochs: int, non_finite: bool) -> str:
-    """Tune's status in words a user cares about: completed, stopped early by ASHA, non_finite, error, running."""
+    """Tune's status in words a user cares about: completed, stopped early by ASHA, non_finite, error, interrupted."""
     if non_finite:
         return "non_finite"
     if tune_status == "TERMINATED":
         return "completed" if epochs >= max_epochs else "stopped"
-    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status, tune_status.lower())
+    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "INTERRUPTED": "interrupted"}.get(tune_status, tune_status.lower())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def _results_callback_class():
             self.exp_dir, self.spec, self.min_interval_s = exp_dir.resolve(), spec, min_interval_s
             self.history: list[dict] = []
             self.wall: dict[str, float] = {}
+            self.ended: set[str] = set()
             self._last_write = 0.0
 
         def setup(self, **info):
@@ -167,10 +168,12 @@ def _results_callback_class():
 
             previous = self.exp_dir / "history.parquet"
             self.history = pd.read_parquet(previous).to_dict("records") if previous.is_file() else []
+            self.ended: set[str] = set()  # trials that Tune completed (ran out, stopped by ASHA, or non-finite)
             trials = self.exp_dir / "trials.parquet"
             if trials.is_file():
                 t = pd.read_parquet(trials)
                 self.wall = {r.trial_id: float(r.wall_time_s or 0) for r in t.itertuples()}
+                self.ended = set(t.loc[t["status"].isin(["completed", "stopped", "non_finite"]), "trial_id"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.history.append({"trial_id": trial.trial_id, **res.metric_values(result)})
@@ -179,6 +182,7 @@ def _results_callback_class():
                 self.write(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
             self.write(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -189,7 +193,9 @@ def _results_callback_class():
 
         def write(self, trials) -> None:
             write_tables(self.exp_dir, self.spec, self.history, [
-                {"trial_id": t.trial_id, "tune_status": t.status, "config": t.config,
+                {"trial_id": t.trial_id, "config": t.config,
+                 # Tune also marks trials TERMINATED when a Ctrl-C ends the experiment: those are interrupted.
+                 "tune_status": "INTERRUPTED" if t.status == "TERMINATED" and t.trial_id not in self.ended else t.status,
                  "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
             self._last_write = time.monotonic()
 

@@ -218,3 +218,24 @@ def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
     for col in ("epochs", "best_val_balanced_accuracy", "config.lr", "status"):
         assert (merged[f"{col}_before"] == merged[f"{col}_after"]).all(), col
     assert not history.duplicated(["trial_id", "epoch"]).any()
+
+
+def test_ctrl_c_stops_cleanly_and_marks_the_experiment_resumable(tmp_path):
+    spec = tiny_spec(tmp_path, tmp_path / "cache", **{"search.num_samples": 4, "search.max_concurrent": 2,
+                                                      "experiment": "interrupted"})
+    proc = subprocess.Popen([sys.executable, "-m", "hamtune.cli", "search", "--space", str(write_spec(tmp_path, spec)),
+                             "--results-dir", str(tmp_path / "results")], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    exp = tmp_path / "results" / "interrupted"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and not (exp / "history.parquet").is_file():
+        time.sleep(0.3)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "resume with: hamtune search --resume interrupted" in out
+    assert "Traceback" not in out
+    assert res.read_experiment(exp)["state"] == "interrupted"
+    trials, _ = res.load_tables(exp)
+    assert "interrupted" in set(trials["status"]), trials[["trial_id", "status", "epochs"]]
