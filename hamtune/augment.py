@@ -16,11 +16,12 @@ import torch.nn.functional as F
 # ITU-R 601 luma weights, as used by torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 # RGB -> YIQ; hue is a rotation of the (I, Q) chroma plane, which keeps a hue shift a linear 3x3 map.
-_RGB_TO_YIQ = (
-    (0.299, 0.587, 0.114),
-    (0.595716, -0.274453, -0.321263),
-    (0.211456, -0.522591, 0.311135),
-)
+_RGB_TO_YIQ = torch.tensor([
+    [0.299, 0.587, 0.114],
+    [0.595716, -0.274453, -0.321263],
+    [0.211456, -0.522591, 0.311135],
+])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 class BatchAugment:
@@ -56,14 +57,15 @@ class BatchAugment:
         if self.strength == 0.0 or x.shape[0] == 0:
             return x
         n = x.shape[0]
-        # Draw every random number on the CPU generator (device-independent, checkpointable), then move them over.
-        u = torch.rand(n, 11, generator=generator).to(x.device) * 2.0 - 1.0  # uniform in [-1, 1)
+        # Draw on the CPU generator (device-independent, checkpointable) and build the small per-sample matrices
+        # there too: on a GPU that is two tiny copies instead of dozens of tiny kernels.
+        u = torch.rand(n, 11, generator=generator) * 2.0 - 1.0  # uniform in [-1, 1)
         x = self._affine(x, u[:, :7])
         x = self._colour(x, u[:, 7:])
         return x.clamp_(0.0, 1.0)
 
     def _affine(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Flips, rotation and random resized crop as one sampling grid per image."""
+        """Flips, rotation and random resized crop as one sampling grid per image (u: CPU draws in [-1, 1))."""
         s = self.strength
         n, _, h, w = x.shape
         flip_probability = min(0.5, s)  # flips lose nothing, so they reach their full rate early
@@ -82,14 +84,14 @@ class BatchAugment:
         # coordinates would shear non-square images, so rotate in pixel units: R' = S^-1 R S with S = diag(w, h).
         cos, sin = torch.cos(angle), torch.sin(angle)
         aspect = w / h
-        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+        theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0] = cos * crop_w * flip_x
         theta[:, 0, 1] = -sin / aspect * crop_h * flip_y
         theta[:, 1, 0] = sin * aspect * crop_w * flip_x
         theta[:, 1, 1] = cos * crop_h * flip_y
         theta[:, 0, 2] = centre_x
         theta[:, 1, 2] = centre_y
-        grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+        grid = F.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], h, w], align_corners=False)
         # Reflection fills the corners a rotation uncovers with skin rather than black, which a model could key on.
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -102,24 +104,23 @@ class BatchAugment:
         saturation = 1.0 + u[:, 2] * self.max_saturation * s
         hue = u[:, 3] * self.max_hue * s * 2.0 * math.pi
 
-        eye = torch.eye(3, device=x.device, dtype=x.dtype)
-        luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+        eye = torch.eye(3)
+        luma = torch.tensor(_LUMA)
         # saturation: blend with the grey image: s * I + (1 - s) * 1 luma^T
         m_sat = saturation.view(n, 1, 1) * eye + (1.0 - saturation).view(n, 1, 1) * luma.view(1, 1, 3).expand(n, 3, 3)
         # hue: rotate chroma in YIQ space. This keeps luma (torchvision's HSV hue keeps the max channel instead);
         # a positive shift turns red towards yellow, as in HSV, which is a negative angle in the (I, Q) plane.
-        to_yiq = torch.tensor(_RGB_TO_YIQ, device=x.device, dtype=x.dtype)
-        rotation = torch.zeros(n, 3, 3, device=x.device, dtype=x.dtype)
+        rotation = torch.zeros(n, 3, 3)
         rotation[:, 0, 0] = 1.0
         rotation[:, 1, 1] = torch.cos(hue)
         rotation[:, 1, 2] = torch.sin(hue)
         rotation[:, 2, 1] = -torch.sin(hue)
         rotation[:, 2, 2] = torch.cos(hue)
-        m_hue = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+        m_hue = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
         # contrast blends with the mean grey level of the brightened image; grey stays grey under m_sat and m_hue,
         # so the offset commutes to the end: out = c*b*M x + (1 - c)*b*mean_grey.
-        mean_grey = torch.einsum("c,nchw->n", luma, x) / (x.shape[2] * x.shape[3])
-        matrix = (contrast * brightness).view(n, 1, 1) * (m_hue @ m_sat)
-        offset = (1.0 - contrast) * brightness * mean_grey
+        matrix = ((contrast * brightness).view(n, 1, 1) * (m_hue @ m_sat)).to(x.device, x.dtype)
+        grey_weight = ((1.0 - contrast) * brightness).to(x.device, x.dtype)
+        mean_grey = torch.einsum("c,nchw->n", luma.to(x.device, x.dtype), x) / (x.shape[2] * x.shape[3])
         out = torch.einsum("nij,njhw->nihw", matrix, x)
-        return out.add_(offset.view(n, 1, 1, 1))
+        return out.add_((grey_weight * mean_grey).view(n, 1, 1, 1))

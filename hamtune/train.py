@@ -70,6 +70,12 @@ class TrainConfig:
     compile: bool = False
     num_threads: int | None = None
 
+    def __post_init__(self) -> None:
+        # Check and convert every field, however the config was made (from_dict, direct, dataclasses.replace).
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name), _FIELD_TYPES[f.name]))
+        self.validate()
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Validate and convert a plain mapping (YAML, a Ray Tune sample); bad input -> HamtuneError naming the key."""
@@ -79,18 +85,13 @@ class TrainConfig:
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise HamtuneError(f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        values = {}
-        for key, value in d.items():
-            values[key] = _convert(key, value, _FIELD_TYPES[key])
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Range checks (types are checked by from_dict)."""
+        """Range checks (types were checked and converted by __post_init__)."""
         checks = [
             ("model", isinstance(self.model, str) and _is_timm_model(self.model), "a timm model name (timm.list_models())"),
             ("head_hidden", self.head_hidden >= 0, ">= 0 (0 = a single linear layer)"),
@@ -506,6 +507,8 @@ def _fit(config: TrainConfig, train: SplitArrays, val: SplitArrays | None, *,
     if len(train) < 2:
         raise HamtuneError(f"training split has {len(train)} image(s); need at least 2")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
     torch.manual_seed(config.seed)  # model init; resume overwrites it with the saved global RNG state
     model = build_model(config).to(device)
     channels_last = config.channels_last and device.type == "cuda"

@@ -1,0 +1,134 @@
+"""How close does hamtune's training loop get to the bare model step?
+
+(a) the limit: forward + backward + optimizer step on a float batch already in memory, nothing else;
+(b) hamtune.train.train_one_epoch over read-only uint8 arrays: fancy-index gather, uint8 -> float, BatchAugment,
+    loss check, LR schedule, i.e. everything a real epoch does.
+Both use the same HamtuneNet, optimizer and AMP/channels_last settings as fit() would on that device, run
+interleaved (a, b, a, b, ...) so load changes on a shared machine hit both alike, and report median images/s and the
+ratio b/a (goal >= 0.90).
+
+    .venv/bin/python bench/bench_loop.py                      # CPU defaults: resnet10t, 32 px, batch 64, 2 threads
+    .venv/bin/python bench/bench_loop.py --device cuda --model resnext101_32x8d --image-size 224 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hamtune.augment import BatchAugment
+from hamtune.data.arrays import SplitArrays
+from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
+from hamtune.train import (
+    TrainConfig,
+    amp_dtype_for,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    resolve_device,
+    train_one_epoch,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=15, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved (a, b) pairs")
+    parser.add_argument("--strength", type=float, default=0.5, help="augment_strength for (b)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    config = TrainConfig.from_dict(dict(model=args.model, batch_size=args.batch_size, augment_strength=args.strength,
+                                        device=args.device, num_threads=args.threads))
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    channels_last = config.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    amp_dtype = amp_dtype_for(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion = torch.nn.CrossEntropyLoss()
+    bs, size, steps = args.batch_size, args.image_size, args.steps
+
+    # (a) inputs prepared once, on the device, in the model's memory format
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(bs, 3, size, size, generator=g).to(device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = torch.randint(0, NUM_CLASSES, (bs,), generator=g).to(device)
+
+    def bare_block() -> float:
+        model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return steps * bs / (time.perf_counter() - start)
+
+    # (b) a read-only uint8 data set, gathered per batch like the real loop
+    rng = np.random.default_rng(0)
+    n = steps * bs
+    data = SplitArrays(
+        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        labels=rng.integers(0, NUM_CLASSES, n).astype(np.int64),
+        meta=np.zeros((n, META_DIM), np.float32),
+        index=np.arange(n, dtype=np.int64),
+    )
+    for array in (data.images, data.labels, data.meta):
+        array.flags.writeable = False
+    scheduler = build_scheduler(optimizer, warmup_steps=steps, total_steps=10**9)
+    augment = BatchAugment(args.strength)
+    aug_gen = torch.Generator().manual_seed(1)
+
+    def loop_block() -> float:
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, data, rng.permutation(n), batch_size=bs,
+                                device=device, augment=augment, generator=aug_gen, scaler=scaler,
+                                amp_dtype=amp_dtype, channels_last=channels_last)
+        return stats["images"] / stats["time_s"]
+
+    bare_block(), loop_block()  # warm-up: allocator, oneDNN/cuDNN kernel selection
+    bare, loop = [], []
+    for _ in range(args.repeats):
+        bare.append(bare_block())
+        loop.append(loop_block())
+    a, b = statistics.median(bare), statistics.median(loop)
+    result = {
+        "model": args.model, "image_size": size, "batch_size": bs, "device": str(device), "threads": args.threads,
+        "augment_strength": args.strength, "steps_per_block": steps, "repeats": args.repeats,
+        "bare_images_per_s": round(a, 1), "loop_images_per_s": round(b, 1), "ratio": round(b / a, 3),
+        "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    print(f"(a) bare model step     : {a:9.1f} images/s  (median of {args.repeats})")
+    print(f"(b) hamtune train loop  : {b:9.1f} images/s  (augment_strength {args.strength})")
+    print(f"ratio b/a               : {b / a:9.3f}  (goal >= 0.90)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
