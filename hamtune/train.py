@@ -306,7 +306,7 @@ def train_one_epoch(
     """
     model.train()
     num_steps = steps_per_epoch(len(indices), batch_size)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = 0.0
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
     steps = range(num_steps)
@@ -349,7 +349,7 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    return {"loss": float(loss_sum) / max(seen, 1), "images": seen, "time_s": elapsed, "lr": lr}
+    return {"loss": loss_sum / max(seen, 1), "images": seen, "time_s": elapsed, "lr": lr}
 
 
 @torch.inference_mode()
