@@ -239,7 +239,6 @@ def retrain(choice: BestChoice, *, epochs: int | None = None, seeds: Sequence[in
     import torch
     from tqdm import tqdm
 
-    from hamtune.modelfile import save_model
     from hamtune.train import TrainConfig, fit, predict_proba, resolve_device
 
     if epochs is not None and epochs < 1:
@@ -437,7 +436,11 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
             i = int(np.argmax(unknown.to_numpy()))
             raise HamtuneError(f"{path}: line {line[i]}: dx {raw['dx'].iloc[i]!r} is not a HAM10000 diagnosis code; "
                                f"expected one of {', '.join(CLASSES)}")
-        table["lesion_id"] = raw["lesion_id"].str.strip().replace("", None) if "lesion_id" in raw.columns else None
+        if "lesion_id" in raw.columns:
+            lesion = raw["lesion_id"].str.strip()
+            table["lesion_id"] = lesion.mask(lesion == "", None)
+        else:
+            table["lesion_id"] = None
         for column in ("age", "sex", "localization"):
             table[column] = raw[column] if column in raw.columns else ("" if column != "age" else np.nan)
     elif "image" in raw.columns and set(ISIC_COLUMNS) <= set(raw.columns):
