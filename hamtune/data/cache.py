@@ -1,0 +1,359 @@
+"""Decode-once cache: every image is decoded and resized once per (data, image size) and kept as one uint8 .npy file.
+
+A search runs many trials over the same images; decoding 10,000 JPEGs per trial would dominate its time. So
+`prepare` decodes in parallel into cache_dir/<fingerprint>/images.npy, and every later call (and every trial)
+memory-maps that file. The fingerprint covers the file list (names, sizes, mtimes), the metadata bytes, the image
+size and PREPROCESS_VERSION, so any change to the inputs or the decoding gives a new entry. An entry is built in a
+temporary folder and renamed into place with its manifest written last: an interrupted prepare never leaves
+something that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import PIL
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from hamtune.data.arrays import SplitArrays
+from hamtune.data.ham10000 import (
+    PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, encode_meta, make_problems, read_metadata, scan_source,
+)
+from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
+from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, cpu_count, generate_synthetic, process_pool
+from hamtune.errors import HamtuneError
+
+PREPROCESS_VERSION = 1  # bump whenever decode_image's output for the same file changes
+RESAMPLE = Image.Resampling.LANCZOS
+MANIFEST = "manifest.json"
+_PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than decoding in this process
+log = logging.getLogger("hamtune.data")
+
+
+@dataclass
+class PreparedData:
+    """A decoded, split dataset: images memory-mapped from the cache entry, one table row per image."""
+
+    path: Path
+    fingerprint: str
+    image_size: int
+    images: np.ndarray  # uint8 (N, S, S, 3), read-only memory map
+    table: pd.DataFrame  # TABLE_COLUMNS + split, row i describes images[i]
+    split: SplitSpec
+    decoded: int  # images decoded by the call that returned this (0 when the cache entry was reused)
+    problems: pd.DataFrame = field(default_factory=make_problems)  # skipped items, PROBLEM_COLUMNS
+
+    def arrays(self, *splits: str) -> SplitArrays:
+        """Rows of the given splits (all rows when none given) in table order, images copied out of the map."""
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown:
+            raise HamtuneError(f"split {unknown[0]!r} is unknown; expected one of {', '.join(SPLITS)}")
+        selected = self.table["split"].isin(splits).to_numpy() if splits else np.ones(len(self.table), dtype=bool)
+        index = np.flatnonzero(selected).astype(np.int64)
+        rows = self.table.iloc[index]
+        return SplitArrays(
+            images=self.images[index],
+            labels=rows["label"].to_numpy(dtype=np.int64),
+            meta=encode_meta(rows),
+            index=index,
+        )
+
+    def split_sizes(self) -> dict[str, dict]:
+        """Images and distinct lesions per split."""
+        groups = self.table.groupby("split")
+        return {
+            name: {
+                "images": int((self.table["split"] == name).sum()),
+                "lesions": int(groups.get_group(name)["lesion_id"].nunique()) if name in groups.groups else 0,
+            }
+            for name in SPLITS
+        }
+
+
+def default_cache_dir() -> Path:
+    """$HAMTUNE_CACHE_DIR, else ~/.cache/hamtune."""
+    env = os.environ.get("HAMTUNE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hamtune"
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode one image to uint8 (size, size, 3): short side resized to `size`, centre square kept.
+
+    JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below `size`), which is most of the speed.
+    `load()` is called explicitly so that a truncated file raises instead of being padded with grey.
+    """
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        image.load()
+        rgb = image.convert("RGB")
+    width, height = rgb.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    square = rgb.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side))
+    return np.asarray(square, dtype=np.uint8)
+
+
+def _decode_rows(npy_path: str, start: int, paths: list[str], size: int) -> list[tuple[int, str]]:
+    """Decode paths into rows start.. of the .npy file; return (row, reason) for files that could not be decoded."""
+    failures = []
+    was_lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whatever another library set
+    out = np.load(npy_path, mmap_mode="r+")
+    try:
+        for row, path in enumerate(paths, start):
+            try:
+                out[row] = decode_image(path, size)
+            except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is unusable
+                failures.append((row, f"{type(err).__name__}: {err}".splitlines()[0]))
+        out.flush()
+    finally:
+        del out
+        ImageFile.LOAD_TRUNCATED_IMAGES = was_lenient
+    return failures
+
+
+def fingerprint(files: SourceFiles, image_size: int) -> str:
+    """Hash of everything the decoded arrays depend on: file list, metadata bytes, image size, PREPROCESS_VERSION."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"preprocess_version": PREPROCESS_VERSION, "image_size": image_size}).encode())
+    digest.update(files.metadata.read_bytes())
+    for rel, size, mtime_ns in files.listing:
+        digest.update(f"\0{rel}\0{size}\0{mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _is_complete(entry: Path) -> bool:
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("preprocess_version") == PREPROCESS_VERSION and (entry / "images.npy").is_file()
+
+
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Delete temp folders for `target` left by killed processes on this host (their pid no longer runs)."""
+    prefix = f".tmp-{target.name}-{socket.gethostname()}-"
+    for path in target.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Move a finished temp folder into place; if another process got there first, keep theirs."""
+    if target.exists() and not _is_complete(target):
+        shutil.rmtree(target, ignore_errors=True)  # a folder without manifest is an unfinished entry
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not _is_complete(target):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def decode_all(paths: list[str], size: int, out_path: Path, workers: int, progress: bool) -> list[tuple[int, str]]:
+    """Decode `paths` into a new (N, size, size, 3) .npy at out_path; return (row, reason) of failed rows."""
+    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    del images  # created on disk; workers open it themselves
+    chunk = max(16, min(512, math.ceil(len(paths) / (workers * 8))))
+    starts = range(0, len(paths), chunk)
+    failures: list[tuple[int, str]] = []
+    with tqdm(total=len(paths), desc=f"decode {size}px", unit="img", disable=not progress, file=sys.stderr) as bar:
+        if workers > 1 and len(paths) >= _PARALLEL_MIN_IMAGES:
+            with process_pool(min(workers, len(starts))) as pool:
+                futures = {
+                    pool.submit(_decode_rows, str(out_path), s, paths[s:s + chunk], size): len(paths[s:s + chunk])
+                    for s in starts
+                }
+                for future in as_completed(futures):
+                    failures += future.result()
+                    bar.update(futures[future])
+        else:
+            for s in starts:
+                failures += _decode_rows(str(out_path), s, paths[s:s + chunk], size)
+                bar.update(len(paths[s:s + chunk]))
+    return sorted(failures)
+
+
+def _drop_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 1024) -> None:
+    """Copy the kept rows of an .npy into a new one, a block at a time (never both arrays in RAM)."""
+    source = np.load(src, mmap_mode="r")
+    out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(len(keep),) + source.shape[1:])
+    for i in range(0, len(keep), block):
+        out[i:i + block] = source[keep[i:i + block]]
+    out.flush()
+    del out, source
+    src.unlink()
+
+
+def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame, image_size: int, target: Path,
+                 workers: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode into a temp folder next to `target`, then rename it into place. Returns the final (table, problems)."""
+    tmp = _temp_name(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        raw = tmp / "decoded.npy"
+        failures = decode_all(table["path"].tolist(), image_size, raw, workers, progress)
+        if failures:
+            bad_rows = [row for row, _ in failures]
+            unreadable = make_problems([
+                ("unreadable_image", table["image_id"].iat[row], Path(table["path"].iat[row]).relative_to(files.root).as_posix(), reason)
+                for row, reason in failures
+            ])
+            problems = pd.concat([problems, unreadable], ignore_index=True)
+            keep = np.setdiff1d(np.arange(len(table)), bad_rows)
+            if len(keep) == 0:
+                raise HamtuneError(f"{files.root}: none of the {len(table)} listed images could be decoded; "
+                                   f"first failure: {table['image_id'].iat[bad_rows[0]]}: {failures[0][1]}")
+            _drop_rows(raw, tmp / "images.npy", keep)
+            table = table.iloc[keep].reset_index(drop=True)
+        else:
+            os.replace(raw, tmp / "images.npy")
+        seconds = time.perf_counter() - started
+        table[list(TABLE_COLUMNS)].to_parquet(tmp / "table.parquet", index=False)
+        problems.to_csv(tmp / "problems.csv", index=False)
+        manifest = {
+            "preprocess_version": PREPROCESS_VERSION,
+            "fingerprint": target.name,
+            "image_size": image_size,
+            "images": len(table),
+            "problems": {kind: int(n) for kind, n in problems["kind"].value_counts().items()},
+            "source": str(files.root),
+            "metadata_file": files.metadata.name,
+            "decode_seconds": round(seconds, 3),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"numpy": np.__version__, "pillow": PIL.__version__, "pandas": pd.__version__},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the folder complete
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return table, problems
+
+
+def synthetic_source(cache_dir: Path, n_images: int, seed: int, workers: int | None, progress: bool) -> Path:
+    """The synthetic dataset for (n_images, seed), generated once under cache_dir/synthetic/ and reused after."""
+    target = Path(cache_dir) / "synthetic" / f"n{n_images}-seed{seed}"
+    marker = target / ".complete"
+    expected = {"synthetic_version": SYNTHETIC_VERSION, "n_images": n_images, "seed": seed,
+                "image_size": list(DEFAULT_IMAGE_SIZE)}
+    try:
+        if json.loads(marker.read_text()) == expected:
+            return target
+    except (OSError, ValueError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target)
+    tmp = _temp_name(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generate_synthetic(tmp, n_images=n_images, seed=seed, workers=workers, progress=progress)
+        (tmp / ".complete").write_text(json.dumps(expected))
+        if target.exists():
+            shutil.rmtree(target)  # an older or unfinished generation
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _problem_summary(problems: pd.DataFrame) -> str:
+    counts = problems["kind"].value_counts()
+    parts = [
+        f"{counts.get('missing_image', 0)} metadata rows without an image file",
+        f"{counts.get('unlisted_image', 0)} image files without a metadata row",
+        f"{counts.get('unreadable_image', 0)} unreadable images",
+    ]
+    return ", ".join(parts)
+
+
+def _check_image_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 1024:
+        raise HamtuneError(f"image size {image_size!r} is invalid; expected an integer number of pixels from 8 to 1024")
+    return int(image_size)
+
+
+def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = None, split: SplitSpec = SplitSpec(),
+            strict: bool = False, workers: int | None = None, progress: bool = True,
+            synthetic_size: int = 3000, synthetic_seed: int = 0) -> PreparedData:
+    """Read, validate, decode (once) and split a HAM10000 folder, or the synthetic stand-in for source="synthetic".
+
+    Rows and files that do not pair up, and files that do not decode, are skipped, warned about in one line and
+    listed in problems.csv in the cache entry; with strict=True they are a HamtuneError instead.
+    """
+    image_size = _check_image_size(image_size)
+    if not isinstance(split, SplitSpec):
+        raise HamtuneError(f"split {split!r} is invalid; expected a SplitSpec(val, test, seed)")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HamtuneError(f"{cache_dir}: cannot create the cache folder ({err.strerror}); expected a writable path") from None
+    workers = cpu_count() if workers is None else max(1, int(workers))
+
+    if str(source) == "synthetic":
+        root = synthetic_source(cache_dir, synthetic_size, synthetic_seed, workers, progress)
+    else:
+        root = Path(source)
+    files = scan_source(root)
+    key = fingerprint(files, image_size)
+    entry = cache_dir / key
+
+    decoded = 0
+    if _is_complete(entry):
+        table = pd.read_parquet(entry / "table.parquet")
+        problems = pd.read_csv(entry / "problems.csv", dtype=str, keep_default_na=False)
+    else:
+        table, problems = read_metadata(files)
+        if strict and len(problems):
+            raise HamtuneError(f"{files.root}: strict mode: {_problem_summary(problems)}; first: "
+                               f"{problems['image_id'].iat[0]} ({problems['detail'].iat[0]})")
+        _remove_abandoned(entry)
+        table, problems = _build_entry(files, table, problems, image_size, entry, workers, progress)
+        decoded = len(table) + int((problems["kind"] == "unreadable_image").sum())
+    problems = problems.reindex(columns=list(PROBLEM_COLUMNS))
+
+    if len(problems):
+        if strict:
+            raise HamtuneError(f"{files.root}: strict mode: {_problem_summary(problems)}; "
+                               f"listed in {entry / 'problems.csv'}")
+        log.warning("%s: skipped %d items: %s; listed in %s", files.root, len(problems), _problem_summary(problems),
+                    entry / "problems.csv")
+
+    table = table[list(TABLE_COLUMNS)].copy()
+    table["split"] = load_or_make_split(entry, table, split)
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    if len(images) != len(table):
+        raise HamtuneError(f"{entry}: images.npy has {len(images)} rows but table.parquet {len(table)}; "
+                           "expected equal counts (delete this cache folder)")
+    return PreparedData(path=entry, fingerprint=key, image_size=image_size, images=images, table=table, split=split,
+                        decoded=decoded, problems=problems)

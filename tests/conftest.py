@@ -1,0 +1,52 @@
+"""Shared test fixtures: the real 140-image sample and a small synthetic set in the Kaggle layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO.parent / "shared/data/ham10000-sample"
+TINY_SYNTHETIC_SIZE = 3000
+TINY_SYNTHETIC_IMAGE = (32, 24)  # (width, height): small JPEGs keep generation of thousands of images cheap
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_dir(tmp_path_factory):
+    """Point $HAMTUNE_CACHE_DIR at a session temp folder so no test writes to the user's ~/.cache/hamtune."""
+    previous = os.environ.get("HAMTUNE_CACHE_DIR")
+    path = tmp_path_factory.mktemp("hamtune-cache")
+    os.environ["HAMTUNE_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("HAMTUNE_CACHE_DIR", None)
+    else:
+        os.environ["HAMTUNE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real HAM10000 sample (140 images, 20 per class, Kaggle layout); read-only."""
+    if not (SAMPLE_DIR / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real HAM10000 sample not found at {SAMPLE_DIR}")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A synthetic HAM10000-like folder of TINY_SYNTHETIC_SIZE 32x24 JPEGs (seed 0), generated once per session."""
+    from hamtune.data.synthetic import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("tiny-synthetic"), n_images=TINY_SYNTHETIC_SIZE, seed=0,
+                              image_size=TINY_SYNTHETIC_IMAGE, workers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_prepared(tiny_synthetic, tmp_path_factory):
+    """tiny_synthetic decoded at 16 px and split with the default SplitSpec (a PreparedData)."""
+    from hamtune.data import prepare
+
+    return prepare(tiny_synthetic, 16, cache_dir=tmp_path_factory.mktemp("tiny-synthetic-cache"), progress=False,
+                   workers=2)
