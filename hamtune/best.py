@@ -103,6 +103,8 @@ def describe_best(choice: BestChoice) -> str:
     for m in shown:
         if f"best_{m}" in t.index and not _is_missing(t[f"best_{m}"]):
             lines.append(f"  {m:<{width}}  best {t[f'best_{m}']:.4f}   last {t.get(f'last_{m}', math.nan):.4f}")
+    if not _is_missing(t.get("best_checkpoint")):
+        lines.append(f"  checkpoint (best epoch of the search): {t['best_checkpoint']}")
     lines.append("searched hyperparameters:")
     width = max([len(k) for k in choice.searched] or [0])
     lines += [f"  {k:<{width}}  {_short(v)}" for k, v in sorted(choice.searched.items())]
@@ -342,7 +344,7 @@ def _write_retrain_report(out_dir: Path, choice: BestChoice, data, train_val, te
     sections = [("Configuration", report.config_markdown(metrics["config"], list(choice.searched)))]
     if "per_seed" in metrics:
         rows = ["| seed | " + " | ".join(HEADLINE_METRICS) + " |", "|---|" + "---|" * len(HEADLINE_METRICS)]
-        rows += [f"| {r['seed']} | " + " | ".join(report._fmt(r[k]) for k in HEADLINE_METRICS) + " |"
+        rows += [f"| {r['seed']} | " + " | ".join(report.format_value(r[k]) for k in HEADLINE_METRICS) + " |"
                  for r in metrics["per_seed"]]
         sections.insert(0, ("Seeds", "\n".join(rows)))
     names = [p.name for p in files] + ["report.md"]

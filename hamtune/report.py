@@ -156,7 +156,7 @@ def plot_training_curve(path: Path, histories: Mapping[int, Sequence[Mapping[str
 # report.md
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
@@ -170,14 +170,14 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     header = "| metric | value |" + (" mean ± std over seeds |" if across else "")
     lines = [header, "|---|---|" + ("---|" if across else "")]
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
-        value = _fmt(metrics.get(key))
+        value = format_value(metrics.get(key))
         if key == "balanced_accuracy" and metrics.get("balanced_accuracy_ci95"):
             lo, hi = metrics["balanced_accuracy_ci95"]
-            value += f" (95% CI {_fmt(lo)}–{_fmt(hi)})"
+            value += f" (95% CI {format_value(lo)}–{format_value(hi)})"
         row = f"| {key} | {value} |"
         if across:
             s = across.get(key, {})
-            row += f" {_fmt(s.get('mean'))} ± {_fmt(s.get('std'))} |"
+            row += f" {format_value(s.get('mean'))} ± {format_value(s.get('std'))} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -185,8 +185,8 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
 def per_class_markdown(classification_report: pd.DataFrame) -> str:
     lines = ["| class | diagnosis | precision | recall | F1 | support |", "|---|---|---|---|---|---|"]
     for name, row in classification_report.iterrows():
-        lines.append(f"| {name} | {DIAGNOSES.get(name, '')} | {_fmt(float(row['precision']))} | "
-                     f"{_fmt(float(row['recall']))} | {_fmt(float(row['f1']))} | {int(row['support'])} |")
+        lines.append(f"| {name} | {DIAGNOSES.get(name, '')} | {format_value(float(row['precision']))} | "
+                     f"{format_value(float(row['recall']))} | {format_value(float(row['f1']))} | {int(row['support'])} |")
     return "\n".join(lines)
 
 
@@ -216,5 +216,5 @@ def config_markdown(config: Mapping[str, Any], searched: Sequence[str] = ()) -> 
     for key in sorted(config):
         mark = " (searched)" if key in searched else ""
         value = config[key]
-        lines.append(f"| {key}{mark} | {f'{value:.4g}' if isinstance(value, float) else _fmt(value)} |")
+        lines.append(f"| {key}{mark} | {f'{value:.4g}' if isinstance(value, float) else format_value(value)} |")
     return "\n".join(lines)
