@@ -51,7 +51,7 @@ def make_folder(root: Path, n: int = 7) -> list[dict]:
     return rows
 
 
-# --- real sample -------------------------------------------------------------------------------------------------------
+# --- real sample -----------------------------------------------------------------------------------------------------
 
 
 def test_load_metadata_reads_real_sample(sample_dir):
@@ -118,7 +118,7 @@ def test_class_table_and_plots(sample_dir, tmp_path):
     assert not list((tmp_path / "plots").glob(".*"))  # no temp files left behind
 
 
-# --- fatal input errors ------------------------------------------------------------------------------------------------
+# --- fatal input errors ----------------------------------------------------------------------------------------------
 
 
 def test_nonexistent_folder(tmp_path):
@@ -201,7 +201,7 @@ def test_kaggle_duplicate_folders_count_once(tmp_path):
     assert len(table) == 7 and problems.empty
 
 
-# --- skipped items: warned, listed, fatal only with strict ------------------------------------------------------------
+# --- skipped items: warned, listed, fatal only with strict -----------------------------------------------------------
 
 
 @pytest.fixture
@@ -277,3 +277,12 @@ def test_clean_folder_passes_strict(tmp_path):
     make_folder(tmp_path / "clean")
     data = prepare(tmp_path / "clean", 16, cache_dir=tmp_path / "cache", strict=True, progress=False)
     assert len(data.table) == 7 and data.problems.empty
+
+
+def test_metadata_with_byte_order_mark_and_spaces(tmp_path):
+    rows = make_folder(tmp_path)
+    path = write_metadata(tmp_path, rows)
+    text = path.read_text().replace(",nv,", ", NV ,")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as saved by Excel
+    table, problems = load_metadata(tmp_path)
+    assert len(table) == 7 and problems.empty and "nv" in set(table["dx"])

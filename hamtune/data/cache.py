@@ -224,7 +224,8 @@ def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame
         if failures:
             bad_rows = [row for row, _ in failures]
             unreadable = make_problems([
-                ("unreadable_image", table["image_id"].iat[row], Path(table["path"].iat[row]).relative_to(files.root).as_posix(), reason)
+                ("unreadable_image", table["image_id"].iat[row],
+                 Path(table["path"].iat[row]).relative_to(files.root).as_posix(), reason)
                 for row, reason in failures
             ])
             problems = pd.concat([problems, unreadable], ignore_index=True)
@@ -317,7 +318,8 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise HamtuneError(f"{cache_dir}: cannot create the cache folder ({err.strerror}); expected a writable path") from None
+        raise HamtuneError(
+            f"{cache_dir}: cannot create the cache folder ({err.strerror}); expected a writable path") from None
     workers = cpu_count() if workers is None else max(1, int(workers))
 
     if str(source) == "synthetic":

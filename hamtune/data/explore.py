@@ -76,7 +76,8 @@ def write_exploration_plots(prepared, out_dir: str | Path) -> list[Path]:
     for x, total in enumerate(counts.sum(axis=1)):
         ax.annotate(str(total), (x, total), ha="center", va="bottom", fontsize=8)
     ax.set(title=f"Images per diagnosis ({len(table)} images)", xlabel="diagnosis", ylabel="images")
-    ax.legend(title="split")
+    ax.set_ylim(0, max(1, counts.to_numpy().sum(axis=1).max()) * 1.12)  # room for the totals
+    ax.legend(title="split", loc="upper left")
     written.append(_save(figure, out_dir / "class_counts.png"))
 
     figure = Figure(figsize=(7, 4))

@@ -46,7 +46,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PROBLEM_KINDS = ("missing_image", "unlisted_image", "unreadable_image")
 PROBLEM_COLUMNS = ("kind", "image_id", "path", "detail")
 TABLE_COLUMNS = ("image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex", "localization")
-_LAYOUT_HINT = f"expected the Kaggle layout: {METADATA_FILE} next to HAM10000_images_part_1/ and HAM10000_images_part_2/"
+_LAYOUT_HINT = (f"expected the Kaggle layout: {METADATA_FILE} next to HAM10000_images_part_1/ and "
+                "HAM10000_images_part_2/")
 _NA_TOKENS = {"", "nan", "na", "n/a", "none", "null", "unknown"}
 
 
@@ -114,12 +115,13 @@ def scan_source(root: str | Path) -> SourceFiles:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise HamtuneError(f"{path}: metadata file is empty; expected a header {','.join(METADATA_COLUMNS)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HamtuneError(f"{path}: cannot be read as CSV ({first}); expected a comma-separated HAM10000 metadata file") from None
+        raise HamtuneError(
+            f"{path}: cannot be read as CSV ({first}); expected a comma-separated HAM10000 metadata file") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     return raw
 
@@ -167,7 +169,8 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
     bad_age = age.isna() & ~age_text.isin(_NA_TOKENS)
     if bad_age.any():
         first = bad_age.idxmax()
-        raise HamtuneError(f"{path}: line {line[first]}: age {raw.loc[first, 'age']!r} is not a number; expected years or empty")
+        raise HamtuneError(
+            f"{path}: line {line[first]}: age {raw.loc[first, 'age']!r} is not a number; expected years or empty")
     meta["age"] = age.astype("float64")
     for column in ("dx_type", "sex", "localization"):
         meta[column] = meta[column].str.lower().replace("", "unknown")

@@ -98,13 +98,15 @@ def check_split(table: pd.DataFrame, split: np.ndarray | pd.Series) -> None:
     frame = pd.DataFrame({"lesion_id": table["lesion_id"].to_numpy(), "split": np.asarray(split)})
     unknown = ~frame["split"].isin(SPLITS)
     if unknown.any():
-        raise HamtuneError(f"split value {frame['split'][unknown].iloc[0]!r} is invalid; expected one of {', '.join(SPLITS)}")
+        value = frame["split"][unknown].iloc[0]
+        raise HamtuneError(f"split value {value!r} is invalid; expected one of {', '.join(SPLITS)}")
     per_lesion = frame.groupby("lesion_id")["split"].nunique()
     leaked = per_lesion[per_lesion > 1]
     if len(leaked):
         lesion = leaked.index[0]
         where = sorted(frame.loc[frame["lesion_id"] == lesion, "split"].unique())
-        raise HamtuneError(f"lesion {lesion} is in splits {', '.join(where)}; expected every lesion in exactly one split")
+        raise HamtuneError(
+            f"lesion {lesion} is in splits {', '.join(where)}; expected every lesion in exactly one split")
     classes = lesion_classes(table)
     lesion_split = frame.groupby("lesion_id")["split"].first()
     for code in CLASSES:

@@ -143,7 +143,8 @@ def plan_dataset(n_images: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     sizes = np.concatenate(lesion_sizes)
     n_lesions = len(lesion_dx_arr)
 
-    params = np.stack([_lesion_params(int(k), np.random.default_rng([seed, 1, j])) for j, k in enumerate(lesion_dx_arr)])
+    params = np.stack([_lesion_params(int(k), np.random.default_rng([seed, 1, j]))
+                       for j, k in enumerate(lesion_dx_arr)])
 
     codes = [CLASSES[k] for k in lesion_dx_arr]
     ages = np.array([rng.normal(*_AGE[c]) for c in codes])
@@ -225,7 +226,8 @@ def _mix(base: np.ndarray, colour, weight: np.ndarray) -> np.ndarray:
     return base * (1 - w) + np.asarray(colour, dtype=np.float32) * w
 
 
-def render_image(params: np.ndarray, lesion_seed: list[int], rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+def render_image(params: np.ndarray, lesion_seed: list[int], rng: np.random.Generator,
+                 size: tuple[int, int]) -> np.ndarray:
     """One photo of a lesion: uint8 (H, W, 3). `lesion_seed` fixes the outline shared by all photos of the lesion;
     `rng` supplies what changes between photos (pose, lighting, hairs, noise). float32 whole-image numpy ops only."""
     width, height = size
@@ -249,7 +251,8 @@ def render_image(params: np.ndarray, lesion_seed: list[int], rng: np.random.Gene
     outline = np.ones(361)
     amplitude = max(p["irregularity"], 0.0)
     for k in range(2, 7):
-        outline += amplitude * shape_rng.uniform(0.3, 1.0) / (k / 2) * np.cos(k * angles + shape_rng.uniform(0, 2 * math.pi))
+        weight, phase = shape_rng.uniform(0.3, 1.0), shape_rng.uniform(0, 2 * math.pi)
+        outline += amplitude * weight / (k / 2) * np.cos(k * angles + phase)
     outline = (lesion_radius * scale * outline).astype(np.float32)
     radius = outline[((np.arctan2(v, u) + math.pi) * (360 / (2 * math.pi))).astype(np.int32)]
     edge = max(p["softness"], 0.02) * lesion_radius
@@ -258,8 +261,8 @@ def render_image(params: np.ndarray, lesion_seed: list[int], rng: np.random.Gene
     # lesion colour, texture, asymmetric darkening, blue-grey blotches, pale centre
     lesion = np.clip([p["r"], p["g"], p["b"]], 0.02, 1.0).astype(np.float32)
     texture = _smooth_noise(rng, height, width, max(p["texture_cells"], 2)) * max(p["texture"], 0.0)
-    darkening = min(max(p["asymmetry"], 0.0), 0.9) * np.clip(
-        (math.cos(shape_rng.uniform(0, 2 * math.pi)) * u + math.sin(shape_rng.uniform(0, 2 * math.pi)) * v) / radius, 0, 1)
+    dark_x, dark_y = math.cos(shape_rng.uniform(0, 2 * math.pi)), math.sin(shape_rng.uniform(0, 2 * math.pi))
+    darkening = min(max(p["asymmetry"], 0.0), 0.9) * np.clip((dark_x * u + dark_y * v) / radius, 0, 1)
     colour = lesion * ((1 + texture) * (1 - darkening))[..., None]
     blotch_amount = min(max(p["blotch"], 0.0), 1.0)
     if blotch_amount > 0.01:
