@@ -2,10 +2,11 @@
 
 (a) the limit: forward + backward + optimizer step on a float batch already in memory, nothing else;
 (b) hamtune.train.train_one_epoch over read-only uint8 arrays: fancy-index gather, uint8 -> float, BatchAugment,
-    loss check, LR schedule, i.e. everything a real epoch does.
-Both use the same HamtuneNet, optimizer and AMP/channels_last settings as fit() would on that device, run
-interleaved (a, b, a, b, ...) so load changes on a shared machine hit both alike, and report median images/s and the
-ratio b/a (goal >= 0.90).
+    loss check, LR schedule, i.e. everything a real epoch does;
+(b0) the same with augmentation off, to show what the augmentation itself costs.
+All use the same HamtuneNet, optimizer and AMP/channels_last settings as fit() would on that device, run
+interleaved (a, b, b0, a, b, b0, ...) so load changes on a shared machine hit all alike, and report median images/s
+and the ratio b/a (goal >= 0.90). Writes the "Training loop vs the limit" section of BENCHMARKS.md (--dry-run prints).
 
     .venv/bin/python bench/bench_loop.py                      # CPU defaults: resnet10t, 32 px, batch 64, 2 threads
     .venv/bin/python bench/bench_loop.py --device cuda --model resnext101_32x8d --image-size 224 --batch-size 64
@@ -15,15 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 from hamtune.augment import BatchAugment
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
@@ -37,6 +44,8 @@ from hamtune.train import (
     train_one_epoch,
 )
 
+HEADING = "## Training loop vs the limit"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,7 +57,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved (a, b) pairs")
     parser.add_argument("--strength", type=float, default=0.5, help="augment_strength for (b)")
+    parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args()
+    load_at_start = common.load_average()
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -101,33 +112,61 @@ def main() -> None:
     for array in (data.images, data.labels, data.meta):
         array.flags.writeable = False
     scheduler = build_scheduler(optimizer, warmup_steps=steps, total_steps=10**9)
-    augment = BatchAugment(args.strength)
     aug_gen = torch.Generator().manual_seed(1)
 
-    def loop_block() -> float:
+    def loop_block(strength: float) -> float:
         stats = train_one_epoch(model, criterion, optimizer, scheduler, data, rng.permutation(n), batch_size=bs,
-                                device=device, augment=augment, generator=aug_gen, scaler=scaler,
+                                device=device, augment=BatchAugment(strength), generator=aug_gen, scaler=scaler,
                                 amp_dtype=amp_dtype, channels_last=channels_last)
         return stats["images"] / stats["time_s"]
 
-    bare_block(), loop_block()  # warm-up: allocator, oneDNN/cuDNN kernel selection
-    bare, loop = [], []
+    bare_block(), loop_block(args.strength), loop_block(0.0)  # warm-up: allocator, oneDNN/cuDNN kernel choice
+    bare, loop, plain = [], [], []
     for _ in range(args.repeats):
         bare.append(bare_block())
-        loop.append(loop_block())
-    a, b = statistics.median(bare), statistics.median(loop)
+        loop.append(loop_block(args.strength))
+        plain.append(loop_block(0.0))
+    a, b, b0 = statistics.median(bare), statistics.median(loop), statistics.median(plain)
     result = {
         "model": args.model, "image_size": size, "batch_size": bs, "device": str(device), "threads": args.threads,
         "augment_strength": args.strength, "steps_per_block": steps, "repeats": args.repeats,
-        "bare_images_per_s": round(a, 1), "loop_images_per_s": round(b, 1), "ratio": round(b / a, 3),
-        "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
-        "torch": torch.__version__, "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "bare_images_per_s": round(a, 1), "loop_images_per_s": round(b, 1), "loop_no_augment_images_per_s": round(b0, 1),
+        "ratio": round(b / a, 3), "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
+        "loop_no_augment_all": [round(v, 1) for v in plain],
     }
-    print(f"(a) bare model step     : {a:9.1f} images/s  (median of {args.repeats})")
-    print(f"(b) hamtune train loop  : {b:9.1f} images/s  (augment_strength {args.strength})")
-    print(f"ratio b/a               : {b / a:9.3f}  (goal >= 0.90)")
+    print(f"(a)  bare model step          : {a:9.1f} images/s  (median of {args.repeats})")
+    print(f"(b)  hamtune loop, augment {args.strength:<4}: {b:9.1f} images/s")
+    print(f"(b0) hamtune loop, no augment : {b0:9.1f} images/s")
+    print(f"ratio b/a                     : {b / a:9.3f}  (goal >= 0.90)")
     print(json.dumps(result))
+
+    met = b / a >= 0.90
+    table = common.md_table(
+        ["variant", "median images/s", "vs (a)", f"all {args.repeats} repeats"],
+        [
+            ["(a) bare forward+backward+step, float batch in memory", common.fmt(a, 1), "1.000",
+             ", ".join(common.fmt(v, 0) for v in bare)],
+            [f"(b) hamtune train_one_epoch, uint8 arrays, augment {args.strength}", common.fmt(b, 1),
+             f"{b / a:.3f}", ", ".join(common.fmt(v, 0) for v in loop)],
+            ["(b0) the same, augment 0", common.fmt(b0, 1), f"{b0 / a:.3f}", ", ".join(common.fmt(v, 0) for v in plain)],
+        ],
+    )
+    where = "GPU " + torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} torch threads"
+    body = "\n".join([
+        common.run_header(load_at_start),
+        f"Setup: `{args.model}` with hamtune's head (hidden {config.head_hidden}), {size} px, batch {bs}, {where}, "
+        f"AdamW, AMP {amp_dtype if amp_dtype is not None else 'off'}, channels_last {channels_last}; {steps} steps per "
+        f"timed block, {args.repeats} blocks per variant interleaved after one warm-up block each; median images/s.\n",
+        table,
+        f"Result: (b)/(a) = **{b / a:.3f}** — goal >= 0.90 {'met' if met else 'MISSED'}. Augmentation costs "
+        f"{1 - b / b0:.1%} of the loop's throughput (b vs b0); batching from uint8 arrays, uint8 -> float, the "
+        f"per-step loss check and the lr schedule cost {1 - b0 / a:.1%} (b0 vs a).\n",
+    ])
+    if args.dry_run:
+        print(HEADING + "\n\n" + body)
+    else:
+        common.write_section(HEADING, body)
+        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
 
 
 if __name__ == "__main__":
