@@ -29,12 +29,13 @@ OUT = ROOT / "bench" / "out"  # git-ignored scratch space
 
 HEADER = """# Benchmarks
 
-How to run: `make bench` (it runs `bash bench/run_all`, which runs every `bench/bench_*.py` script in turn with
-`.venv/bin/python`). Each script can also be run alone; each one measures its variants side by side in one run on one
-machine and REPLACES its own section below, headed with the exact command, the machine, the date and the library
-versions. Compare numbers only within a section: the ratios are the result, absolute rates depend on the machine and
-on what else ran at the time (the load average at the start of the run is recorded). Scratch data goes to
-`bench/out/` (git-ignored).
+How to run: `make bench`. It runs `bash bench/run_all`, which runs the CPU benchmarks bench_prepare, bench_loop,
+bench_pipeline, bench_search, bench_overhead and bench_memory (`bench/*.py`) one after another with `.venv/bin/python`,
+in about 15-20 minutes on a quiet 2-core machine; each script can also be run alone (`--help`). Each one measures its
+variants side by side in one run on one machine and writes its own section below, headed with the exact command, the
+machine, the date, the library versions and the load average at the start. Compare numbers only within a section: the
+ratios are the result, absolute rates depend on the machine and on what else was running. Scratch data (caches, Ray
+results) goes to `bench/out/` (git-ignored), never to `results/`. `bench/gpu_check.py` is run by hand on a GPU machine.
 """
 
 
@@ -171,6 +172,14 @@ def replace_section(text: str, heading: str, body: str) -> str:
     return "".join(lines[:start]) + block + ("\n" + tail if tail else "")
 
 
+def with_header(text: str) -> str:
+    """`text` with everything before its first "## " section replaced by HEADER (the how-to-run preamble)."""
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    sections = "".join(lines[first:])
+    return HEADER + ("\n" + sections if sections.strip() else "")
+
+
 def write_section(heading: str, body: str, path: Path = BENCHMARKS) -> None:
     """Replace (or add) one "## " section of BENCHMARKS.md atomically, keeping every other section as it is.
 
@@ -182,9 +191,7 @@ def write_section(heading: str, body: str, path: Path = BENCHMARKS) -> None:
     lock_path = out_dir() / ".benchmarks.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.is_file() else ""
-        if not text.startswith("# "):
-            text = HEADER + ("\n" + text if text.strip() else "")
+        text = with_header(path.read_text() if path.is_file() else "")
         new = replace_section(text, heading, body)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
