@@ -5,6 +5,8 @@ Measures, in one run and each in a fresh temporary cache:
   * generating N synthetic images (default 10,000) and preparing them at 64 px with 1 worker and with all CPUs,
     so the parallel speed-up is a ratio measured side by side;
   * a warm second prepare (cache reused: scan + fingerprint + memory-map only).
+Wall time and CPU time (this process plus its worker processes) are both reported: on a shared machine the CPU
+time per image is the steadier number.
 Prints a table and appends it, with the command, machine, date and versions, to the "## Prepare throughput"
 section of BENCHMARKS.md (unless --no-record).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -35,10 +38,17 @@ SAMPLE = REPO.parent / "shared/data/ham10000-sample"
 SECTION = "## Prepare throughput"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished worker processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(function, *args, **kwargs):
-    started = time.perf_counter()
+    """(result, wall seconds, CPU seconds). CPU time stays meaningful when other jobs share the cores."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args, **kwargs)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def run(synthetic_size: int) -> list[dict]:
@@ -48,27 +58,28 @@ def run(synthetic_size: int) -> list[dict]:
         tmp = Path(tmp)
         if SAMPLE.is_dir():
             for size in (224, 64):
-                data, seconds = timed(prepare, SAMPLE, size, cache_dir=tmp / f"real-{size}", progress=False)
+                data, seconds, cpu = timed(prepare, SAMPLE, size, cache_dir=tmp / f"real-{size}", progress=False)
                 rows.append({"what": "prepare real sample (cold)", "images": data.decoded, "px": size,
-                             "workers": workers, "seconds": seconds})
-            data, seconds = timed(prepare, SAMPLE, 64, cache_dir=tmp / "real-64", progress=False)
+                             "workers": workers, "seconds": seconds, "cpu_s": cpu})
+            data, seconds, cpu = timed(prepare, SAMPLE, 64, cache_dir=tmp / "real-64", progress=False)
             rows.append({"what": "prepare real sample (warm)", "images": len(data.table), "px": 64,
-                         "workers": workers, "seconds": seconds})
+                         "workers": workers, "seconds": seconds, "cpu_s": cpu})
 
-        source, seconds = timed(generate_synthetic, tmp / "synthetic", n_images=synthetic_size, seed=0,
+        source, seconds, cpu = timed(generate_synthetic, tmp / "synthetic", n_images=synthetic_size, seed=0,
                                 workers=workers)
         rows.append({"what": "generate synthetic (112x84 JPEG)", "images": synthetic_size, "px": None,
-                     "workers": workers, "seconds": seconds})
+                     "workers": workers, "seconds": seconds, "cpu_s": cpu})
         for n_workers in sorted({1, workers}):
-            data, seconds = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{n_workers}", workers=n_workers,
+            data, seconds, cpu = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{n_workers}", workers=n_workers,
                                   progress=False)
             rows.append({"what": "prepare synthetic (cold)", "images": data.decoded, "px": 64,
-                         "workers": n_workers, "seconds": seconds})
-        data, seconds = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{workers}", progress=False)
+                         "workers": n_workers, "seconds": seconds, "cpu_s": cpu})
+        data, seconds, cpu = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{workers}", progress=False)
         rows.append({"what": "prepare synthetic (warm)", "images": len(data.table), "px": 64, "workers": workers,
                      "seconds": seconds})
     for row in rows:
         row["images/s"] = row["images"] / row["seconds"]
+        row["images per CPU-s"] = row["images"] / max(row["cpu_s"], 1e-9)
     return rows
 
 
@@ -92,7 +103,10 @@ def markdown(rows: list[dict], command: str, load_note: str) -> str:
     frame = pd.DataFrame(rows)
     frame["px"] = frame["px"].map(lambda v: "-" if v is None or pd.isna(v) else str(int(v)))
     frame["seconds"] = frame["seconds"].map(lambda v: f"{v:.2f}")
-    frame["images/s"] = frame["images/s"].map(lambda v: f"{v:,.0f}")
+    frame["cpu_s"] = frame["cpu_s"].map(lambda v: f"{v:.2f}")
+    frame = frame.rename(columns={"seconds": "wall s", "cpu_s": "CPU s"})
+    for column in ("images/s", "images per CPU-s"):
+        frame[column] = frame[column].map(lambda v: f"{v:,.0f}")
     serial = [r for r in rows if r["what"] == "prepare synthetic (cold)" and r["workers"] == 1]
     parallel = [r for r in rows if r["what"] == "prepare synthetic (cold)" and r["workers"] > 1]
     lines = [

@@ -61,6 +61,30 @@ class SourceFiles:
     listing: tuple[tuple[str, int, int], ...]  # (relative name, size, mtime_ns) of every image file, sorted
 
 
+def _find_image_files(root: Path) -> tuple[list[tuple[str, str, os.stat_result]], bool]:
+    """(relative posix name, path, stat) of every image file below root, skipping hidden files and folders; and
+    whether root holds anything at all. scandir, not os.walk + stat: the stat comes with the directory listing."""
+    found = []
+    anything = False
+    seen_dirs = set()
+    pending = [str(root)]
+    prefix = len(str(root)) + 1
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                anything = True
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():  # follows symlinks; the inode set stops link loops
+                    key = (entry.stat().st_dev, entry.stat().st_ino)
+                    if key not in seen_dirs:
+                        seen_dirs.add(key)
+                        pending.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    found.append((entry.path[prefix:].replace(os.sep, "/"), entry.path, entry.stat()))
+    return found, anything
+
+
 def scan_source(root: str | Path) -> SourceFiles:
     """Find the metadata file in `root` and the image files anywhere below it.
 
@@ -73,16 +97,7 @@ def scan_source(root: str | Path) -> SourceFiles:
     if not root.is_dir():
         raise HamtuneError(f"{root}: is a file, not a data folder; {_LAYOUT_HINT}")
 
-    found: list[tuple[str, Path, os.stat_result]] = []
-    anything = False
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        anything = anything or bool(filenames) or bool(dirnames)
-        for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root).as_posix(), path, path.stat()))
+    found, anything = _find_image_files(root)
     if not found:
         what = "is empty" if not anything else "holds no .jpg/.jpeg/.png image files (searched all subfolders)"
         raise HamtuneError(f"{root}: data folder {what}; {_LAYOUT_HINT}")
@@ -98,7 +113,7 @@ def scan_source(root: str | Path) -> SourceFiles:
     images: dict[str, Path] = {}
     sizes: dict[str, tuple[str, int]] = {}
     for rel, path, st in found:
-        image_id = path.stem
+        image_id = os.path.splitext(os.path.basename(rel))[0]
         if image_id in images:
             first_rel, first_size = sizes[image_id]
             if first_size != st.st_size:
@@ -107,7 +122,7 @@ def scan_source(root: str | Path) -> SourceFiles:
                     f"{rel} ({st.st_size} bytes); expected one file per image_id"
                 )
             continue
-        images[image_id] = path
+        images[image_id] = Path(path)
         sizes[image_id] = (rel, st.st_size)
     listing = tuple((rel, st.st_size, st.st_mtime_ns) for rel, _, st in found)
     return SourceFiles(root=root, metadata=metadata, images=images, listing=listing)

@@ -52,8 +52,13 @@ class SplitSpec:
 
 def lesion_classes(table: pd.DataFrame) -> pd.Series:
     """Class of each lesion: its images' dx, the most frequent one if they disagree (ties: first in CLASSES)."""
-    counts = pd.crosstab(table["lesion_id"], pd.Categorical(table["dx"], categories=CLASSES), dropna=False)
-    return counts.idxmax(axis=1).astype(str)
+    counts = (
+        pd.DataFrame({"lesion_id": table["lesion_id"].to_numpy(), "k": table["dx"].map(CLASSES.index).to_numpy()})
+        .value_counts().rename("n").reset_index()
+        .sort_values(["lesion_id", "n", "k"], ascending=[True, False, True], kind="stable")
+        .drop_duplicates("lesion_id")
+    )
+    return pd.Series(np.array(CLASSES)[counts["k"].to_numpy()], index=counts["lesion_id"].to_numpy())
 
 
 def assign_splits(table: pd.DataFrame, spec: SplitSpec) -> np.ndarray:
