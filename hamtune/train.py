@@ -510,7 +510,8 @@ def _fit(config: TrainConfig, train: SplitArrays, val: SplitArrays | None, *,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
     torch.manual_seed(config.seed)  # model init; resume overwrites it with the saved global RNG state
-    model = build_model(config).to(device)
+    # On resume the weights come from the state: do not read (or require) the pretrained weights again.
+    model = build_model(dataclasses.replace(config, pretrained=False) if state is not None else config).to(device)
     channels_last = config.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
