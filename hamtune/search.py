@@ -191,11 +191,16 @@ def _results_callback_class():
         def on_experiment_end(self, trials, **info):
             self.write(trials)
 
+        def _status(self, trial) -> str:
+            # on_trial_complete runs while Tune still says RUNNING; and Tune also marks trials TERMINATED when a
+            # Ctrl-C ends the experiment, though those are interrupted, not done.
+            if trial.trial_id in self.ended and trial.status in ("RUNNING", "TERMINATED"):
+                return "TERMINATED"
+            return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
+
         def write(self, trials) -> None:
             write_tables(self.exp_dir, self.spec, self.history, [
-                {"trial_id": t.trial_id, "config": t.config,
-                 # Tune also marks trials TERMINATED when a Ctrl-C ends the experiment: those are interrupted.
-                 "tune_status": "INTERRUPTED" if t.status == "TERMINATED" and t.trial_id not in self.ended else t.status,
+                {"trial_id": t.trial_id, "config": t.config, "tune_status": self._status(t),
                  "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
             self._last_write = time.monotonic()
 
