@@ -257,13 +257,26 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_storage(storage_path: str | None) -> None:
-    """A multi-node search needs storage every node can reach; refuse before any trial starts."""
+def check_cluster(address: str | None, storage_path: str | None, trial_resources: dict[str, float]) -> None:
+    """Refuse, before any trial starts, a search that could never run or could not checkpoint.
+
+    Locally, some node must hold one trial. On a cluster, trials need storage every node can reach; an
+    autoscaling cluster may be a lone head now and grow GPU workers later, so a trial that no live node can hold
+    counts as multi-node too.
+    """
     nodes = alive_nodes()
-    if len(nodes) > 1 and not storage_path:
+    wanted = {k: v for k, v in trial_resources.items() if v > 0}
+    fits = [n for n in nodes if all(n["Resources"].get(k, 0.0) >= v for k, v in wanted.items())]
+    if not address and not fits:
+        have = {k: nodes[0]["Resources"].get(k, 0.0) for k in wanted} if nodes else {}
+        raise HamtuneError(f"a trial asks for {wanted} (resources.cpu/gpu) but this machine has {have}: lower "
+                           "resources in the spec (--cpus-per-trial/--gpus-per-trial) or join a cluster with --address")
+    if address and not storage_path and (len(nodes) > 1 or not fits):
+        why = (f"this Ray cluster has {len(nodes)} nodes" if len(nodes) > 1
+               else f"no live node can hold a trial ({wanted}), so trials will run on nodes the cluster adds later")
         raise HamtuneError(
-            f"this Ray cluster has {len(nodes)} nodes, so trials need shared storage for checkpoints: pass "
-            "--storage-path s3://bucket/prefix (or gs://..., or an NFS folder mounted at the same path on every node)")
+            f"{why}, so trials need shared storage for checkpoints: pass --storage-path s3://bucket/prefix "
+            "(or gs://..., or an NFS folder mounted at the same path on every node)")
 
 
 def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
@@ -283,8 +296,6 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     elif record_path.is_file():
         raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
                            f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-
     d = spec.data
     data = prepare(d.source, d.image_size, cache_dir=Path(d.cache_dir) if d.cache_dir else None,
                    split=SplitSpec(val=d.val, test=d.test, seed=d.split_seed), strict=d.strict,
@@ -292,7 +303,8 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
 
     init_ray(address, num_cpus)
-    check_storage(storage_path)
+    check_cluster(address, storage_path, {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu})
+    exp_dir.mkdir(parents=True, exist_ok=True)
     if storage_path:
         tune_storage, tune_name = storage_path, spec.experiment
     else:

@@ -241,3 +241,14 @@ def test_ctrl_c_stops_cleanly_and_marks_the_experiment_resumable(tmp_path):
     assert res.read_experiment(exp)["state"] == "interrupted"
     trials, _ = res.load_tables(exp)
     assert "interrupted" in set(trials["status"]), trials[["trial_id", "status", "epochs"]]
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_it_runs(tmp_path, ray_local):
+    from hamtune.errors import HamtuneError
+    from hamtune.search import run_search
+    from hamtune.space import spec_from_dict
+
+    raw = tiny_spec(tmp_path, tmp_path / "cache", **{"resources": {"cpu": 1, "gpu": 1}})
+    with pytest.raises(HamtuneError, match=r"a trial asks for \{'CPU': 1.0, 'GPU': 1.0\} .* this machine has"):
+        run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
+    assert not (tmp_path / "results" / "tiny").exists()
