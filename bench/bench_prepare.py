@@ -66,17 +66,17 @@ def run(synthetic_size: int) -> list[dict]:
                          "workers": workers, "seconds": seconds, "cpu_s": cpu})
 
         source, seconds, cpu = timed(generate_synthetic, tmp / "synthetic", n_images=synthetic_size, seed=0,
-                                workers=workers)
+                                     workers=workers)
         rows.append({"what": "generate synthetic (112x84 JPEG)", "images": synthetic_size, "px": None,
                      "workers": workers, "seconds": seconds, "cpu_s": cpu})
         for n_workers in sorted({1, workers}):
-            data, seconds, cpu = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{n_workers}", workers=n_workers,
-                                  progress=False)
+            data, seconds, cpu = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{n_workers}",
+                                       workers=n_workers, progress=False)
             rows.append({"what": "prepare synthetic (cold)", "images": data.decoded, "px": 64,
                          "workers": n_workers, "seconds": seconds, "cpu_s": cpu})
         data, seconds, cpu = timed(prepare, source, 64, cache_dir=tmp / f"synthetic-{workers}", progress=False)
         rows.append({"what": "prepare synthetic (warm)", "images": len(data.table), "px": 64, "workers": workers,
-                     "seconds": seconds})
+                     "seconds": seconds, "cpu_s": cpu})
     for row in rows:
         row["images/s"] = row["images"] / row["seconds"]
         row["images per CPU-s"] = row["images"] / max(row["cpu_s"], 1e-9)
