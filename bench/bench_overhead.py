@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--synthetic-size", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="searches per setting, alternating on/off")
+    parser.add_argument("--repeats", type=int, default=1, help="searches per setting, alternating on/off")
     parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args()
     load_at_start = common.load_average()
@@ -113,7 +113,7 @@ def main() -> None:
         f"({train_images} in train) at {args.image_size} px, resnet10t (head 32), batch 32, Optuna + ASHA, 1 CPU per "
         f"trial, **max_concurrent 1** (trials one after another, so wall - trial time = overhead exactly). One Ray "
         f"session for all searches, warmed up by a 2-trial search first; {args.repeats} searches per setting, "
-        f"alternating, medians shown.\n",
+        f"alternating when more than one, medians shown.\n",
         "Columns: *run_search* = the whole call (prepare from the cache, Tuner, tables, plots); *Tuner.fit* = the "
         "search itself; *trainable time* = sum over trials of Tune's time_total_s (the trainable's call: data "
         "fetch, model build, training, evaluation, checkpoints, reports); *train + eval* = sum of the history's "

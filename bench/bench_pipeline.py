@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: search_spaces/default.yaml's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed's way")
-    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per variant (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed epochs per variant (after one warm-up round)")
     parser.add_argument("--limit-images", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args()
