@@ -127,7 +127,7 @@ def cmd_data(args) -> int:
     print(f"{verb} {n} images at {prepared.image_size}px -> {prepared.path}"
           + (f" ({len(prepared.problems)} skipped, listed in {prepared.path / 'problems.csv'})" if len(prepared.problems) else ""))
     if args.data_command == "info":
-        print(class_table(prepared).to_string())
+        print(class_table(prepared).to_string(index=False))
         if args.plots:
             from hamtune.data.explore import write_exploration_plots
 
