@@ -252,3 +252,17 @@ def test_a_trial_no_node_can_hold_is_refused_before_it_runs(tmp_path, ray_local)
     with pytest.raises(HamtuneError, match=r"a trial asks for \{'CPU': 1.0, 'GPU': 1.0\} .* this machine has"):
         run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
     assert not (tmp_path / "results" / "tiny").exists()
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna(finished_search):
+    from ray.tune.search.optuna import OptunaSearch
+
+    tmp, *_ = finished_search
+    trials, _ = res.load_tables(tmp / "results" / "tiny")
+    state_file = sorted((tmp / "results" / "tiny" / "tune").glob("searcher-state-*.pkl"))[-1]
+    searcher = OptunaSearch()
+    searcher.restore(str(state_file))  # the searcher state Tune saved, as a resume would load it
+    states = sorted(t.state.name for t in searcher._ot_study.trials)
+    expected = sorted(["PRUNED"] * int((trials["status"] == "stopped").sum())
+                      + ["COMPLETE"] * int((trials["status"] == "completed").sum()))
+    assert states == expected
