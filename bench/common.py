@@ -120,7 +120,8 @@ def run_header(started_load: str | None = None) -> str:
         f"- Machine: {machine()}",
         f"- Date: {now}",
         f"- Versions: {versions()}",
-        f"- Load average (1/5/15 min) at the start: {started_load or load_average()}",
+        f"- Load average (1/5/15 min) at the start: {started_load or load_average()}; at the end: {load_average()} "
+        "(2 cores: above ~2 means other work shared the machine)",
     ]) + "\n"
 
 
