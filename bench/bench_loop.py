@@ -143,7 +143,8 @@ def main() -> None:
     result = {
         "model": args.model, "image_size": size, "batch_size": bs, "device": str(device), "threads": args.threads,
         "augment_strength": args.strength, "steps_per_block": steps, "repeats": args.repeats,
-        "bare_images_per_s": round(a, 1), "loop_images_per_s": round(b, 1), "loop_no_augment_images_per_s": round(b0, 1),
+        "bare_images_per_s": round(a, 1), "loop_images_per_s": round(b, 1),
+        "loop_no_augment_images_per_s": round(b0, 1),
         "ratio": round(b / a, 3), "paired_ratio": round(paired, 3), "augment_ms_per_batch": round(augment_s * 1e3, 2),
         "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
         "loop_no_augment_all": [round(v, 1) for v in plain],
@@ -162,10 +163,11 @@ def main() -> None:
              ", ".join(common.fmt(v, 0) for v in bare)],
             [f"(b) hamtune train_one_epoch, uint8 arrays, augment {args.strength}", common.fmt(b, 1),
              f"{b / a:.3f}", ", ".join(common.fmt(v, 0) for v in loop)],
-            ["(b0) the same, augment 0", common.fmt(b0, 1), f"{b0 / a:.3f}", ", ".join(common.fmt(v, 0) for v in plain)],
+            ["(b0) the same, augment 0", common.fmt(b0, 1), f"{b0 / a:.3f}",
+             ", ".join(common.fmt(v, 0) for v in plain)],
         ],
     )
-    where = "GPU " + torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} torch threads"
+    where = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU, {args.threads} threads"
     body = "\n".join([
         common.run_header(load_at_start),
         f"Setup: `{args.model}` with hamtune's head (hidden {config.head_hidden}), {size} px, batch {bs}, {where}, "

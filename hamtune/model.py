@@ -86,7 +86,8 @@ def create_model(
         raise HamtuneError(f"model: unknown timm model {name!r} (see timm.list_models())")
     if pretrained is True:
         backbone = timm.create_model(
-            name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(_cached_weights(name)), source="")
+            name, pretrained=True, num_classes=0,
+            pretrained_cfg_overlay=dict(file=str(_cached_weights(name)), source=""),
         )
     else:
         backbone = timm.create_model(name, pretrained=False, num_classes=0)
@@ -179,7 +180,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, name: st
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong_shape:
         parts = []

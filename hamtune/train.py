@@ -84,7 +84,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
-            raise HamtuneError(f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise HamtuneError(
+                f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +95,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Range checks (types were checked and converted by __post_init__)."""
         checks = [
-            ("model", isinstance(self.model, str) and _is_timm_model(self.model), "a timm model name (timm.list_models())"),
+            ("model", _is_timm_model(self.model), "a timm model name (see timm.list_models())"),
             ("head_hidden", self.head_hidden >= 0, ">= 0 (0 = a single linear layer)"),
             ("head_dropout", 0.0 <= self.head_dropout < 1.0, "in [0, 1)"),
             ("epochs", self.epochs >= 1, ">= 1"),
