@@ -368,11 +368,11 @@ def _logits(model: nn.Module, images: np.ndarray, meta: np.ndarray | None, *, ba
     for start in range(0, len(images), batch_size):
         x = _images_to_input(_to_device(images[start : start + batch_size], device), None, None, channels_last)
         m = _to_device(meta[start : start + batch_size], device) if uses_meta else None
-        views = [x, x.flip(3), x.flip(2), x.flip(2, 3)] if tta else [x]
+        views = _dihedral_views(x) if tta else [x]
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             logits = [model(v, m).float() for v in views]
         if tta:
-            # average probabilities over the flipped views; return as log-probs so softmax recovers the mean
+            # average probabilities over the views; return as log-probs so softmax recovers the mean
             out = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0).log()
         else:
             out = logits[0]
@@ -403,11 +403,17 @@ def evaluate(model: nn.Module, data: SplitArrays, *, batch_size: int = 256, devi
     return {"loss": loss, **classification_metrics(data.labels, probs)}
 
 
+def _dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of a square NCHW batch: the 4 flips, and each of them transposed (the 90-degree turns)."""
+    flips = [x, x.flip(3), x.flip(2), x.flip(2, 3)]
+    return flips + [v.transpose(2, 3) for v in flips]
+
+
 def predict_proba(model: nn.Module, images: np.ndarray, meta: np.ndarray | None = None, *, batch_size: int = 256,
                   device: str | torch.device = "cpu", tta: bool = False) -> np.ndarray:
     """Class probabilities (N, C) for uint8 NHWC images; rows sum to 1. Moves the model to `device`.
 
-    tta averages the probabilities over the four flips (dermoscopy has no orientation).
+    tta averages the probabilities over the eight flips and 90-degree rotations (dermoscopy has no orientation).
     """
     device = torch.device(device)
     model.to(device)

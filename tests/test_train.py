@@ -234,3 +234,15 @@ def test_evaluate_on_a_split_missing_classes(trained):
     scores = evaluate(trained, partial, batch_size=64, device="cpu")
     assert math.isnan(scores["recall_df"]) and math.isfinite(scores["balanced_accuracy"])
     assert math.isfinite(scores["macro_auc"])
+
+
+def test_tta_averages_all_flips_and_quarter_turns(trained):
+    # Averaging over the whole dihedral group makes the prediction invariant to any flip or 90-degree turn.
+    images = np.ascontiguousarray(VAL.images)
+    turned = np.ascontiguousarray(np.rot90(images, k=1, axes=(1, 2)))
+    flipped = np.ascontiguousarray(images[:, :, ::-1])
+    base = predict_proba(trained, images, VAL.meta, batch_size=16, tta=True)
+    for other in (turned, flipped):
+        np.testing.assert_allclose(predict_proba(trained, other, VAL.meta, batch_size=16, tta=True), base, atol=1e-5)
+    assert not np.allclose(predict_proba(trained, turned, VAL.meta, batch_size=16),
+                           predict_proba(trained, images, VAL.meta, batch_size=16), atol=1e-5)
