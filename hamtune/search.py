@@ -328,6 +328,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    del train, val  # with_parameters has put them in the object store; the driver's copy is no longer needed
     start = time.monotonic()
     if resume and tune.Tuner.can_restore(tune_path):
         # Finished trials, the searcher's state and our results callback all come back from Tune's own records.
