@@ -112,7 +112,7 @@ def main() -> None:
         f"Setup: {args.trials} trials x 1 epoch on the synthetic set of {args.synthetic_size} images "
         f"({train_images} in train) at {args.image_size} px, resnet10t (head 32), batch 32, Optuna + ASHA, 1 CPU per "
         f"trial, **max_concurrent 1** (trials one after another, so wall - trial time = overhead exactly). One Ray "
-        f"session for all searches, warmed up by a 2-trial search first; {args.repeats} searches per setting, "
+        f"session for all searches, warmed up by a 2-trial search first; {args.repeats} search(es) per setting, "
         f"alternating when more than one, medians shown.\n",
         "Columns: *run_search* = the whole call (prepare from the cache, Tuner, tables, plots); *Tuner.fit* = the "
         "search itself; *trainable time* = sum over trials of Tune's time_total_s (the trainable's call: data "

@@ -259,8 +259,8 @@ def analyse(df: pd.DataFrame, args, spec, reach: dict, goal_met: bool) -> str:
         text += (f"It did not on seed(s) {', '.join(missed)}. More trials would favour ASHA (its saving grows with "
                  "num_samples and with more rungs), at a cost this bench does not spend. ")
     text += (
-        "Two caveats: the comparison is the two combinations the brief asks for, so it mixes the searcher (TPE vs "
-        "random) with the scheduler (ASHA vs FIFO); and \"best\" is a maximum over every epoch of every trial on a "
+        "Two caveats: the comparison is hamtune's default (Optuna TPE + ASHA) against the plain baseline (random + "
+        "FIFO), so it mixes the searcher (TPE vs random) with the scheduler (ASHA vs FIFO); and \"best\" is a maximum over every epoch of every trial on a "
         "small validation split, so the method that evaluates more often (FIFO) gets more draws of the noise.")
     return text + "\n"
 

@@ -30,12 +30,13 @@ OUT = ROOT / "bench" / "out"  # git-ignored scratch space
 HEADER = """# Benchmarks
 
 How to run: `make bench`. It runs `bash bench/run_all`, which runs the CPU benchmarks bench_prepare, bench_loop,
-bench_pipeline, bench_search, bench_overhead and bench_memory (`bench/*.py`) one after another with `.venv/bin/python`,
-in about 15-20 minutes on a quiet 2-core machine; each script can also be run alone (`--help`). Each one measures its
-variants side by side in one run on one machine and writes its own section below, headed with the exact command, the
-machine, the date, the library versions and the load average at the start. Compare numbers only within a section: the
-ratios are the result, absolute rates depend on the machine and on what else was running. Scratch data (caches, Ray
-results) goes to `bench/out/` (git-ignored), never to `results/`. `bench/gpu_check.py` is run by hand on a GPU machine.
+bench_pipeline, bench_search, bench_overhead and bench_memory (`bench/*.py`) one after another with `.venv/bin/python`:
+about 17 minutes on a quiet 2-core machine (26 in the recorded run, which other jobs shared). Each script can also be
+run alone (`--help`). Each one measures its variants side by side in one run on one machine and writes its own section
+below, headed with the exact command, the machine, the date, the library versions and the load average at the start
+and end. Compare numbers only within a section: the ratios are the result, absolute rates depend on the machine and on
+what else was running. Scratch data (caches, Ray results) goes to `bench/out/` (git-ignored), never to `results/`.
+`bench/gpu_check.py` is run by hand on a GPU machine.
 """
 
 
