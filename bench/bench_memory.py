@@ -290,8 +290,21 @@ def main() -> None:
     shmem_two = shmem(runs[(large, 2)])
     held_once = worker_growth < 0.5 * data_growth and shmem_two < 1.5 * info[large][1]
     val_small, val_large = info[small][2]["val"]["images"], info[large][2]["val"]["images"]
-    big_run = runs[(large, 2)]
-    driver = big_run["breakdown"].get("driver", {})
+    # The driver: does its private (anonymous) memory grow with the data, i.e. does it keep a copy of train/val?
+    driver_anon = {n: runs[(n, 2)]["breakdown"].get("driver", {}).get("Pss_Anon", 0) for n in (small, large)}
+    driver_file = {n: runs[(n, 2)]["breakdown"].get("driver", {}).get("Pss_File", 0) for n in (small, large)}
+    driver_growth = driver_anon[large] - driver_anon[small]
+    keeps_copy = driver_growth >= 0.5 * data_growth
+    driver_text = (
+        f"The driver (2-trial runs): its anonymous PSS goes from {mib(driver_anon[small])} to "
+        f"{mib(driver_anon[large])} MiB ({driver_growth / MIB:+,.0f} MiB for {mib(data_growth)} MiB more data), so it "
+        + ("**keeps its own copy** of train/val for the whole search besides the object store's (`arrays()` copies "
+           "the rows out of the memory-mapped cache before `tune.with_parameters` puts them in the store); dropping "
+           "it once the data is in the store would save the data's size once per search, not per trial."
+           if keeps_copy else
+           "does **not** keep a copy of train/val once they are in the object store.")
+        + f" Its file-backed PSS ({mib(driver_file[small])} -> {mib(driver_file[large])} MiB) is mostly the pages of "
+        "the memory-mapped cache file it read, which the kernel can drop at any time, plus shared libraries.\n")
     body = [
         common.run_header(load_at_start),
         f"Setup: two synthetic sets at {args.image_size} px, {small} and {large} images (the large one "
@@ -334,11 +347,7 @@ def main() -> None:
         "Trial workers at the peak (MiB). RSS includes the object-store pages a worker maps and shared libraries; "
         "PSS charges it only its share of them; private (USS) is what the worker alone holds:\n",
         common.md_table(["worker", "RSS", "shared", "private (USS)", "PSS", "PSS shmem"], worker_rows),
-        f"Besides the object store, the driver holds the data too, for the whole search: `prepare` memory-maps the "
-        f"cache and `arrays('train', 'val')` copies the rows out (driver anonymous PSS {mib(driver.get('Pss_Anon', 0))} "
-        f"MiB and file-backed PSS {mib(driver.get('Pss_File', 0))} MiB in the large 2-trial run), before "
-        "`tune.with_parameters` puts them in the object store. Dropping the driver's copy once it is in the store "
-        "(or putting the memory map straight in) would save about the data's size once per search, not per trial.\n",
+        driver_text,
     ]
     text = "\n".join(body)
     if args.dry_run:
