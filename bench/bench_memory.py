@@ -254,7 +254,8 @@ def main() -> None:
             args.synthetic_size = n
             runs[(n, trials)] = measure(args, trials, scratch / f"n{n}-trials{trials}")
             r = runs[(n, trials)]
-            print(f"{n} images, {trials} trial(s): peak PSS {mib(r['peak_pss'])} MiB in {r['wall_s']:.0f} s", flush=True)
+            print(f"{n} images, {trials} trial(s): peak PSS {mib(r['peak_pss'])} MiB in {r['wall_s']:.0f} s",
+                  flush=True)
 
     def shmem(run: dict) -> int:
         return sum(v["Pss_Shmem"] for v in run["breakdown"].values())
@@ -332,7 +333,8 @@ def main() -> None:
         f"over the tree) come to {mib(shmem(runs[(large, 1)]))} MiB with one trial and {mib(shmem_two)} MiB with two, "
         f"against {mib(info[large][1])} MiB of train + val: counted once, not once per trial. (2) Going from {small} "
         f"to {large} images adds {mib(data_growth)} MiB of data, and a trial worker's peak private memory (USS; each "
-        f"worker's own peak, mean over the workers of both runs) goes from {mib(worker_private(small))} to {mib(worker_private(large))} MiB "
+        f"worker's own peak, mean over the workers of both runs) goes from {mib(worker_private(small))} to "
+        f"{mib(worker_private(large))} MiB "
         f"(**{worker_growth / MIB:+,.0f} MiB**, {worker_growth / data_growth:+.2f}x the added data; a private copy "
         f"would be +1.00x). (3) The 1 -> 2 trial increment of the whole tree changes by {mib(increment_growth)} MiB "
         f"({increment_growth / data_growth:+.2f}x the added data); this total is noisier than (1) and (2) because the "
@@ -355,6 +357,7 @@ def main() -> None:
     else:
         common.write_section(HEADING, text)
         print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.prune_checkpoints(scratch)
     (scratch / "memory.json").write_text(json.dumps({f"{n}-{t}": v for (n, t), v in runs.items()}, indent=1,
                                                     default=str))
 

@@ -135,6 +135,7 @@ def main() -> None:
     else:
         common.write_section(HEADING, text)
         print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.prune_checkpoints(scratch)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from PIL import Image
 
 import common
 from hamtune.augment import BatchAugment
-from hamtune.data import prepare
+from hamtune.data import SplitArrays, prepare
 from hamtune.data.ham10000 import NUM_CLASSES
 from hamtune.imbalance import make_criterion
 from hamtune.space import load_spec
@@ -137,7 +137,8 @@ def main() -> None:
     for name, strength in (("b", 0.5), ("b0", 0.0)):
         model, opt, sch, crit = make_training(config, labels, num_steps)
         hamtune_runs[name] = (model, opt, sch, crit, BatchAugment(strength), torch.Generator().manual_seed(1))
-    subset = train if n == len(train) else type(train)(train.images[:n], train.labels[:n], train.meta[:n], train.index[:n])
+    subset = train if n == len(train) else SplitArrays(train.images[:n], train.labels[:n], train.meta[:n],
+                                                       train.index[:n])
 
     def epoch_hamtune(name: str) -> int:
         model, opt, sch, crit, augment, generator = hamtune_runs[name]
@@ -192,7 +193,8 @@ def main() -> None:
              common.fmt(rate["b"], 0), f"{spread['b'][0]:.0f}..{spread['b'][1]:.0f}", f"**{ratio_ba:.2f}**"],
             ["(b0) hamtune, augment off", "the same with augment_strength 0",
              common.fmt(rate["b0"], 0), f"{spread['b0'][0]:.0f}..{spread['b0'][1]:.0f}", f"{ratio_b0a:.2f}"],
-            ["(c) seed's way", f"DataLoader over JPEGs, PIL decode + torchvision transforms, num_workers={args.workers}",
+            ["(c) seed's way",
+             f"DataLoader over JPEGs, PIL decode + torchvision transforms, num_workers={args.workers}",
              common.fmt(rate["c"], 0), f"{spread['c'][0]:.0f}..{spread['c'][1]:.0f}", f"{ratio_ca:.2f}"],
         ],
     )

@@ -87,7 +87,8 @@ def epochs_to_reach(curve: pd.DataFrame, target: float) -> int | None:
     return int(hit.iloc[0]) if len(hit) else None
 
 
-def plot(curves: dict[tuple[str, int], pd.DataFrame], path: Path, seeds: list[int], fifo_budget: int) -> tuple[Path, bool]:
+def plot(curves: dict[tuple[str, int], pd.DataFrame], path: Path, seeds: list[int],
+         fifo_budget: int) -> tuple[Path, bool]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +153,8 @@ def main() -> None:
             trials, history = res.load_tables(outcome.exp_dir)
             curve = report_order(outcome.exp_dir)
             curves[(method, seed)] = curve
-            runs.append({"seed": seed, "method": method, "trials": len(trials), "trial_epochs": int(trials["epochs"].sum()),
+            runs.append({"seed": seed, "method": method, "trials": len(trials),
+                         "trial_epochs": int(trials["epochs"].sum()),
                          "completed": int((trials["status"] == "completed").sum()), "wall_s": wall,
                          "best": float(np.nanmax(history[METRIC].to_numpy(dtype=float))),
                          "best_at_third": best_at(curve, args.num_samples * args.epochs / 3)})
@@ -229,7 +231,8 @@ def main() -> None:
         common.write_section(HEADING, text)
         print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
     df.to_csv(scratch / "runs.csv", index=False)
-    print(f"raw results in {scratch}")
+    common.prune_checkpoints(scratch)
+    print(f"raw results (tables and Tune logs, checkpoints deleted) in {scratch}")
 
 
 def analyse(df: pd.DataFrame, args, spec, reach: dict, goal_met: bool) -> str:
@@ -260,8 +263,9 @@ def analyse(df: pd.DataFrame, args, spec, reach: dict, goal_met: bool) -> str:
                  "num_samples and with more rungs), at a cost this bench does not spend. ")
     text += (
         "Two caveats: the comparison is hamtune's default (Optuna TPE + ASHA) against the plain baseline (random + "
-        "FIFO), so it mixes the searcher (TPE vs random) with the scheduler (ASHA vs FIFO); and \"best\" is a maximum over every epoch of every trial on a "
-        "small validation split, so the method that evaluates more often (FIFO) gets more draws of the noise.")
+        "FIFO), so it mixes the searcher (TPE vs random) with the scheduler (ASHA vs FIFO); and \"best\" is a "
+        "maximum over every epoch of every trial on a small validation split, so the method that evaluates more "
+        "often (FIFO) gets more draws of the noise.")
     return text + "\n"
 
 

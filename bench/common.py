@@ -52,6 +52,16 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=out_dir()))
 
 
+def prune_checkpoints(folder: Path) -> None:
+    """Delete the Tune checkpoints under a bench run's folder (about 60 MB per trial for resnet10t), keeping the
+    small tables and result.json logs a reader may want; the numbers are already in BENCHMARKS.md."""
+    import shutil
+
+    for checkpoint in sorted(Path(folder).glob("**/checkpoint_*")):
+        if checkpoint.is_dir():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What ran where
 
@@ -82,7 +92,8 @@ def machine() -> str:
     except AttributeError:
         usable = cores
     cores_text = f"{cores} cores" + (f" ({usable} usable)" if usable != cores else "")
-    return f"{cores_text}, {memory_total_gib():.0f} GiB RAM, GPU: {gpu_name()}, {platform.system()} {platform.machine()}"
+    system = f"{platform.system()} {platform.machine()}"
+    return f"{cores_text}, {memory_total_gib():.0f} GiB RAM, GPU: {gpu_name()}, {system}"
 
 
 def load_average() -> str:
