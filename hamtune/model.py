@@ -39,7 +39,9 @@ class HamtuneNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-        features = backbone.num_features
+        # What the pooled output really is: models with a pre-logits layer (MobileNetV3, LCNet) output
+        # head_hidden_size features, not num_features.
+        features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         if meta_dim > 0:
             # A small embedding lifts the sparse one-hot metadata to a dense vector before it meets image features.
             self.meta_embed = nn.Sequential(nn.Linear(meta_dim, meta_hidden), nn.ReLU(inplace=True))

@@ -130,7 +130,8 @@ def make_searcher(spec: SearchSpec):
     if s.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=s.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials when handed a generator, so it goes here too.
+        return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(5, max(1, s.num_samples // 3))) \

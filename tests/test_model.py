@@ -126,3 +126,14 @@ def test_pretrained_true_loads_from_a_populated_local_hf_cache(tmp_path, monkeyp
 def test_unknown_model_name():
     with pytest.raises(HamtuneError, match="no_such_net"):
         create_model("no_such_net")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "lcnet_035"])
+def test_models_with_a_pre_logits_layer_get_the_right_head_width(name):
+    # Their pooled output is head_hidden_size wide, not num_features.
+    from hamtune.model import create_model
+
+    model = create_model(name, head_hidden=16).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 7)
