@@ -268,6 +268,8 @@ def _dataclass_from(cls, raw: Any, source: str, section: str):
     for key, value in raw.items():
         default = getattr(obj, key)
         expected = type(default) if default is not None else str
+        if default is None and value is None:  # optional settings (cache_dir) may stay unset
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):

@@ -100,3 +100,11 @@ def test_cli_reports_bad_spec_in_one_line_with_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("hamtune: error: ") and expected in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results").exists()  # rejected before anything ran
+
+
+def test_recorded_spec_round_trips():
+    # `search --resume` and `best` rebuild the spec from experiment.json's copy of it.
+    spec = load_spec(ROOT / "search_spaces/default.yaml")
+    again = spec_from_dict(spec.to_dict(), source="experiment.json")
+    assert again.to_dict() == spec.to_dict()
+    assert again.data.cache_dir is None
