@@ -6,7 +6,6 @@ folder never holds half a file. Plots use matplotlib's Agg backend: no display n
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES
-from hamtune.results import atomic_write_bytes
+from hamtune.results import atomic_write_bytes, save_figure
 
 PROB_PREFIX = "prob_"
 
@@ -91,13 +90,6 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def plot_confusion_matrix(path: Path, counts: np.ndarray, classes: Sequence[str] = CLASSES, title: str = "") -> Path:
     """Counts and row-normalised (recall per true class) side by side; class names on both axes."""
     plt = _pyplot()
@@ -127,7 +119,7 @@ def plot_confusion_matrix(path: Path, counts: np.ndarray, classes: Sequence[str]
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -147,7 +139,7 @@ def plot_training_curve(path: Path, histories: Mapping[int, Sequence[Mapping[str
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

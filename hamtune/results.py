@@ -272,7 +272,7 @@ def write_search_plots(path: Path, trials: pd.DataFrame, history: pd.DataFrame, 
     if best_id is not None:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    written.append(_save(fig, path / "curves.png"))
+    written.append(save_figure(fig, path / "curves.png"))
     plt.close(fig)
 
     params = [p for p in params if f"config.{p}" in trials.columns]
@@ -298,15 +298,16 @@ def write_search_plots(path: Path, trials: pd.DataFrame, history: pd.DataFrame, 
         axes[0][0].set_ylabel(col)
         fig.suptitle(f"{col} vs hyperparameters (blue: completed, orange: stopped by ASHA, red: failed)", fontsize=9)
         fig.tight_layout()
-        written.append(_save(fig, path / "params.png"))
+        written.append(save_figure(fig, path / "params.png"))
         plt.close(fig)
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, *, dpi: int = 110, tight: bool = False) -> Path:
+    """A matplotlib figure as a PNG, written atomically like every other result file."""
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     atomic_write_bytes(path, buf.getvalue())
     return path

@@ -4,7 +4,6 @@ features matter)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +36,9 @@ def class_table(prepared) -> pd.DataFrame:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    from hamtune.results import save_figure
+
+    return save_figure(figure, path, dpi=120, tight=True)
 
 
 def _stacked_bars(ax, counts: pd.DataFrame, colours=None, horizontal: bool = False) -> None:
