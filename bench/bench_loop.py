@@ -36,6 +36,7 @@ from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
 from hamtune.train import (
     TrainConfig,
+    backward_and_step,
     amp_dtype_for,
     build_model,
     build_optimizer,
@@ -88,14 +89,7 @@ def main() -> None:
         for _ in range(steps):
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
                 loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return steps * bs / (time.perf_counter() - start)

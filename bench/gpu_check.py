@@ -82,7 +82,7 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     from hamtune.augment import BatchAugment
     from hamtune.data.arrays import SplitArrays
     from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
-    from hamtune.train import (TrainConfig, amp_dtype_for, build_model, build_optimizer, build_scheduler,
+    from hamtune.train import (TrainConfig, amp_dtype_for, backward_and_step, build_model, build_optimizer, build_scheduler,
                                train_one_epoch)
 
     cuda = device.type == "cuda"
@@ -119,14 +119,7 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
         for _ in range(steps):
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
                 loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
         sync()
         return steps * bs / (time.perf_counter() - start)
 

@@ -282,6 +282,19 @@ def _images_to_input(images_u8: torch.Tensor, augment: BatchAugment | None, gene
 # one epoch, evaluation, prediction
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+    """One optimiser step from a loss: through the GradScaler when fp16 AMP needs one, plainly otherwise."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -333,15 +346,8 @@ def train_one_epoch(
             return {"loss": float("nan"), "images": seen, "time_s": time.perf_counter() - start, "lr": lr,
                     "non_finite_step": step + 1}
 
-        optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         scheduler.step()
 
         loss_sum += loss_value * len(batch_index)
