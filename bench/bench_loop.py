@@ -19,8 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -28,22 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 from hamtune.augment import BatchAugment
-from hamtune.data.arrays import SplitArrays
-from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
-from hamtune.train import (
-    TrainConfig,
-    backward_and_step,
-    amp_dtype_for,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    resolve_device,
-    train_one_epoch,
-)
+from hamtune.train import TrainConfig, build_scheduler, resolve_device, train_one_epoch
 
 HEADING = "## Training loop vs the limit"
 
@@ -67,44 +53,20 @@ def main() -> None:
     config = TrainConfig.from_dict(dict(model=args.model, batch_size=args.batch_size, augment_strength=args.strength,
                                         device=args.device, num_threads=args.threads))
     torch.manual_seed(0)
-    model = build_model(config).to(device)
-    channels_last = config.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model)
-    amp_dtype = amp_dtype_for(device, config.amp)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion = torch.nn.CrossEntropyLoss()
     bs, size, steps = args.batch_size, args.image_size, args.steps
-
     # (a) inputs prepared once, on the device, in the model's memory format
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(bs, 3, size, size, generator=g).to(device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    y = torch.randint(0, NUM_CLASSES, (bs,), generator=g).to(device)
+    rig = common.StepRig(config, device, size, bs)
+    model, optimizer, scaler = rig.model, rig.optimizer, rig.scaler
+    amp_dtype, channels_last = rig.amp_dtype, rig.channels_last
+    criterion = torch.nn.CrossEntropyLoss()
 
     def bare_block() -> float:
-        model.train()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-                loss = F.cross_entropy(model(x), y)
-            backward_and_step(loss, optimizer, scaler)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return steps * bs / (time.perf_counter() - start)
+        return rig.bare_images_per_s(steps)
 
     # (b) a read-only uint8 data set, gathered per batch like the real loop
     rng = np.random.default_rng(0)
     n = steps * bs
-    data = SplitArrays(
-        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-        labels=rng.integers(0, NUM_CLASSES, n).astype(np.int64),
-        meta=np.zeros((n, META_DIM), np.float32),
-        index=np.arange(n, dtype=np.int64),
-    )
-    for array in (data.images, data.labels, data.meta):
-        array.flags.writeable = False
+    data = common.readonly_dataset(n, size, rng)
     scheduler = build_scheduler(optimizer, warmup_steps=steps, total_steps=10**9)
     aug_gen = torch.Generator().manual_seed(1)
 
@@ -183,11 +145,7 @@ def main() -> None:
         body += (f"\n**Disturbed run**: load average {load_at_end} at the end, (a) varied by {spread:.0%} between "
                  f"repeats; other jobs competed for the cores, so these numbers say little. Rerun on a quiet "
                  f"machine.\n")
-    if args.dry_run:
-        print(HEADING + "\n\n" + body)
-    else:
-        common.write_section(HEADING, body)
-        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.publish(HEADING, body, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -352,11 +352,7 @@ def main() -> None:
         driver_text,
     ]
     text = "\n".join(body)
-    if args.dry_run:
-        print(HEADING + "\n\n" + text)
-    else:
-        common.write_section(HEADING, text)
-        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.publish(HEADING, text, dry_run=args.dry_run)
     common.prune_checkpoints(scratch)
     (scratch / "memory.json").write_text(json.dumps({f"{n}-{t}": v for (n, t), v in runs.items()}, indent=1,
                                                     default=str))

@@ -130,11 +130,7 @@ def main() -> None:
         "this short.\n",
     ]
     text = "\n".join(body)
-    if args.dry_run:
-        print(HEADING + "\n\n" + text)
-    else:
-        common.write_section(HEADING, text)
-        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.publish(HEADING, text, dry_run=args.dry_run)
     common.prune_checkpoints(scratch)
 
 

@@ -232,11 +232,7 @@ def main() -> None:
             "model step grows faster than these costs and the ratio approaches 1 by itself. If the load average "
             "above is well over 2, rerun on a quiet machine first: interference hits the variants unevenly.\n")
     text = "\n".join(body)
-    if args.dry_run:
-        print(HEADING + "\n\n" + text)
-    else:
-        common.write_section(HEADING, text)
-        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.publish(HEADING, text, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -225,11 +225,7 @@ def main() -> None:
     ]
     body.append(analyse(df, args, spec, reach, goal_met))
     text = "\n".join(body)
-    if args.dry_run:
-        print(HEADING + "\n\n" + text)
-    else:
-        common.write_section(HEADING, text)
-        print(f"wrote '{HEADING}' to {common.BENCHMARKS}")
+    common.publish(HEADING, text, dry_run=args.dry_run)
     df.to_csv(scratch / "runs.csv", index=False)
     common.prune_checkpoints(scratch)
     print(f"raw results (tables and Tune logs, checkpoints deleted) in {scratch}")

@@ -214,3 +214,74 @@ def write_section(heading: str, body: str, path: Path = BENCHMARKS) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def publish(heading: str, body: str, *, dry_run: bool) -> None:
+    """A script's result: its BENCHMARKS.md section, or with --dry-run printed only (the file stays as it is)."""
+    if dry_run:
+        print(heading + "\n\n" + body)
+    else:
+        write_section(heading, body)
+        print(f"wrote '{heading}' to {BENCHMARKS}")
+
+
+class StepRig:
+    """The limit both step benchmarks compare against: hamtune's model and optimiser set up as fit() sets them up
+    (AMP and channels_last on CUDA only), trained on one fixed batch already on the device."""
+
+    def __init__(self, config, device, image_size: int, batch_size: int):
+        import torch
+
+        from hamtune.data.ham10000 import NUM_CLASSES
+        from hamtune.train import amp_dtype_for, build_model, build_optimizer
+
+        self.device, self.batch_size = device, batch_size
+        self.model = build_model(config).to(device)
+        self.channels_last = config.channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(config, self.model)
+        self.amp_dtype = amp_dtype_for(device, config.amp)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(batch_size, 3, image_size, image_size, generator=gen).to(device)
+        self.x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        self.y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen).to(device)
+
+    def bare_images_per_s(self, steps: int) -> float:
+        """Forward + backward + step on the fixed batch, `steps` times."""
+        import torch
+        import torch.nn.functional as F
+
+        from hamtune.train import backward_and_step
+
+        self.model.train()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
+                loss = F.cross_entropy(self.model(self.x), self.y)
+            backward_and_step(loss, self.optimizer, self.scaler)
+        self._sync()
+        return steps * self.batch_size / (time.perf_counter() - start)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
+def readonly_dataset(n: int, image_size: int, rng):
+    """Random uint8 images as SplitArrays, read-only like the object-store arrays a trial gets."""
+    import numpy as np
+
+    from hamtune.data.arrays import SplitArrays
+    from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
+
+    data = SplitArrays(images=rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
+                       labels=rng.integers(0, NUM_CLASSES, n).astype(np.int64),
+                       meta=np.zeros((n, META_DIM), np.float32), index=np.arange(n, dtype=np.int64))
+    for array in (data.images, data.labels, data.meta):
+        array.flags.writeable = False
+    return data

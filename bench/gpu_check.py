@@ -26,10 +26,8 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -77,13 +75,9 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     """Bare step vs hamtune's loop for one precision, interleaved; images/s medians and the peak memory."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
-
+    import common
     from hamtune.augment import BatchAugment
-    from hamtune.data.arrays import SplitArrays
-    from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
-    from hamtune.train import (TrainConfig, amp_dtype_for, backward_and_step, build_model, build_optimizer, build_scheduler,
-                               train_one_epoch)
+    from hamtune.train import TrainConfig, build_scheduler, train_one_epoch
 
     cuda = device.type == "cuda"
     config = TrainConfig.from_dict(dict(model=args.model, pretrained=False, batch_size=args.batch_size,
@@ -93,43 +87,18 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
         torch.backends.cudnn.benchmark = True  # as fit() does on CUDA
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(config).to(device)
-    channels_last = config.channels_last and cuda
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model)
-    amp_dtype = amp_dtype_for(device, config.amp)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion = torch.nn.CrossEntropyLoss()
     bs, size, steps = args.batch_size, args.image_size, args.steps
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(bs, 3, size, size, generator=gen).to(device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    y = torch.randint(0, NUM_CLASSES, (bs,), generator=gen).to(device)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
+    rig = common.StepRig(config, device, size, bs)
+    model, optimizer, scaler = rig.model, rig.optimizer, rig.scaler
+    amp_dtype, channels_last = rig.amp_dtype, rig.channels_last
+    criterion = torch.nn.CrossEntropyLoss()
 
     def bare_block() -> float:
-        model.train()
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-                loss = F.cross_entropy(model(x), y)
-            backward_and_step(loss, optimizer, scaler)
-        sync()
-        return steps * bs / (time.perf_counter() - start)
+        return rig.bare_images_per_s(steps)
 
     rng = np.random.default_rng(0)
     n = steps * bs
-    data = SplitArrays(images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                       labels=rng.integers(0, NUM_CLASSES, n).astype(np.int64),
-                       meta=np.zeros((n, META_DIM), np.float32), index=np.arange(n, dtype=np.int64))
-    for array in (data.images, data.labels, data.meta):
-        array.flags.writeable = False  # like the object-store arrays a trial gets
+    data = common.readonly_dataset(n, size, rng)
     scheduler = build_scheduler(optimizer, warmup_steps=steps, total_steps=10**9)
     augment = BatchAugment(0.5)
     aug_gen = torch.Generator().manual_seed(1)
@@ -151,7 +120,7 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     if cuda:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
-    del model, optimizer, x, y
+    del model, optimizer, rig  # the rig holds the device batch
     if cuda:
         torch.cuda.empty_cache()
     return result
