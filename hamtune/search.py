@@ -11,7 +11,6 @@ import datetime as _dt
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Per-epoch checkpoints force frequent experiment snapshots by design; Tune's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-import numpy as np
 
 from hamtune import results as res
 from hamtune.errors import HamtuneError

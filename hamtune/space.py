@@ -6,6 +6,7 @@ names the file, the key and what was expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def spec_from_dict(raw: Any, *, source: str = "<spec>", overrides: Mapping[str, 
         raw = {}
     if not isinstance(raw, Mapping):
         raise HamtuneError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    raw = _deep_copy(raw)
+    raw = copy.deepcopy(dict(raw))  # overrides must not change the caller's mapping
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -296,7 +297,3 @@ def _check(ok: bool, source: str, key: str, value: Any, expected: str) -> None:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _deep_copy(raw: Mapping) -> dict:
-    return {k: (_deep_copy(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
