@@ -92,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
-    if args.command == "search" and not args.address:
-        from hamtune.search import use_loopback_only
-
-        use_loopback_only()
     try:
         handler = {"data": cmd_data, "search": cmd_search, "results": cmd_results, "best": cmd_best,
                    "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_data(args) -> int:
-    from hamtune.data import SplitSpec, class_table, prepare
+    from hamtune.data import SplitSpec, prepare
 
     prepared = prepare(args.source, args.image_size, cache_dir=args.cache_dir, strict=args.strict,
                        split=SplitSpec(val=args.val, test=args.test, seed=args.split_seed), workers=args.workers,
@@ -127,6 +122,8 @@ def cmd_data(args) -> int:
     print(f"{verb} {n} images at {prepared.image_size}px -> {prepared.path}"
           + (f" ({len(prepared.problems)} skipped, listed in {prepared.path / 'problems.csv'})" if len(prepared.problems) else ""))
     if args.data_command == "info":
+        from hamtune.data.explore import class_table
+
         print(class_table(prepared).to_string(index=False))
         if args.plots:
             from hamtune.data.explore import write_exploration_plots
@@ -165,6 +162,8 @@ def cmd_search(args) -> int:
             print(f"results/{spec.experiment} already holds an experiment{hint}; this search is '{name}'")
             spec.experiment = name
 
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # read by hamtune.search.ray_environment before Ray is imported
     from hamtune.search import run_search
 
     outcome = run_search(spec, results_dir=args.results_dir, address=args.address, storage_path=args.storage_path,
@@ -204,21 +203,53 @@ def cmd_results(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from hamtune import best
+    from hamtune import results as res
+    from hamtune.choose import choose_best, describe_best
 
-    return best.cmd_best(args)
+    if not args.retrain and (args.epochs is not None or args.seeds or args.tta):
+        raise HamtuneError("--epochs, --seeds and --tta apply to the retrain: add --retrain")
+    exp_dir = res.experiment_dir(args.name, args.results_dir)
+    choice = choose_best(exp_dir, metric=args.metric, mode=args.mode)
+    print(describe_best(choice), flush=True)
+    if args.retrain:
+        from hamtune.retrain import retrain
+
+        print(flush=True)
+        retrain(choice, epochs=args.epochs, seeds=args.seeds, tta=args.tta, echo=_echo)
+    return 0
 
 
 def cmd_evaluate(args) -> int:
-    from hamtune import best
+    from hamtune.inference import evaluate_external
 
-    return best.cmd_evaluate(args)
+    evaluate_external(args.model, args.images, args.labels, out_dir=args.out, tta=args.tta, echo=_echo)
+    return 0
 
 
 def cmd_predict(args) -> int:
-    from hamtune import best
+    out = args.out
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise HamtuneError(f"--out {out}: expected a file name ending in .csv or .json")
+    from hamtune.inference import predict
+    from hamtune.io import atomic_write_json, write_csv
+    from hamtune.report import PROB_PREFIX
 
-    return best.cmd_predict(args)
+    table = predict(args.model, args.inputs, tta=args.tta, echo=lambda line: print(line, file=sys.stderr))
+    if out is None:
+        shown = table.drop(columns=["path"])
+        floats = [c for c in shown.columns if c == "probability" or c.startswith(PROB_PREFIX)]
+        print(shown.to_string(index=False, formatters={c: "{:.4f}".format for c in floats}))
+        return 0
+    if out.suffix.lower() == ".csv":
+        write_csv(out, table)
+    else:
+        atomic_write_json(out, table.to_dict(orient="records"))
+    print(f"wrote {len(table)} predictions to {out}")
+    return 0
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def _version() -> str:

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hamtune.config import IMBALANCE_STRATEGIES as STRATEGIES
 from hamtune.errors import HamtuneError
-
-STRATEGIES = ("none", "weighted_loss", "oversample", "focal")
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

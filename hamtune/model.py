@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
 from hamtune.errors import HamtuneError
 
 
@@ -107,6 +108,18 @@ def create_model(
     )
 
 
+def build_model(config) -> HamtuneNet:
+    """The network a TrainConfig describes (hamtune.config.TrainConfig: model, head, pretrained, use_meta)."""
+    return create_model(
+        config.model,
+        NUM_CLASSES,
+        head_hidden=config.head_hidden,
+        head_dropout=config.head_dropout,
+        pretrained=config.pretrained,
+        meta_dim=META_DIM if config.use_meta else 0,
+    )
+
+
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, resolved from the environment NOW (huggingface_hub freezes it at import)."""
     explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
@@ -149,26 +162,21 @@ def _cached_weights(name: str) -> Path:
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file, loaded safely (no pickled code)."""
+    """A state dict from a .safetensors or torch file, through timm's loader (weights_only: no pickled code runs;
+    {"state_dict": ...} / {"model": ...} wrappers and "module." prefixes are unwrapped)."""
+    from timm.models import load_state_dict
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise HamtuneError(f"pretrained: weights file {str(path)!r} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a bad file; the user needs one message
-        raise HamtuneError(f"pretrained: cannot read weights file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
-    # Common checkpoint wrappers: {"state_dict": ...} / {"model": ...}
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise HamtuneError(f"pretrained: cannot read weights file {str(path)!r}: {type(exc).__name__}: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HamtuneError(f"pretrained: {str(path)!r} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, name: str) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES, META_DIM
 from hamtune.errors import HamtuneError
-from hamtune.results import atomic_write_bytes
+from hamtune.io import atomic_write_bytes, json_ready
 
 MODEL_FORMAT = "hamtune-model"
 MODEL_FORMAT_VERSION = 1
@@ -64,11 +64,11 @@ def model_record(model: nn.Module, *, config: dict[str, Any], image_size: int, f
                  "scaled to [0, 1]; the network normalises with mean/std itself",
         "mean": mean,
         "std": std,
-        "config": _plain(config),
+        "config": json_ready(config),
         "data_fingerprint": fingerprint,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "timm": _timm_version()},
-        **_plain(extra or {}),
+        **json_ready(extra or {}),
     }
 
 
@@ -109,7 +109,8 @@ def read_model_record(path: Path) -> dict[str, Any]:
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the network from a model file (weights_only load), in eval mode on `device`."""
-    from hamtune.train import TrainConfig, build_model
+    from hamtune.config import TrainConfig
+    from hamtune.model import build_model
 
     path = Path(path)
     record = read_model_record(path)
@@ -136,21 +137,6 @@ def _one_line(exc: BaseException) -> str:
     lines = [line for line in lines if line] or [type(exc).__name__]
     telling = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
     return telling[:200]
-
-
-def _plain(value: Any) -> Any:
-    """Numpy scalars, paths and tuples -> JSON-like primitives, which weights_only=True loads."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, Path)):
-        return str(value)  # also str subclasses such as torch's TorchVersion, which weights_only refuses
-    return value
 
 
 def _timm_version() -> str:

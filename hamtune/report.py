@@ -1,12 +1,11 @@
 """The files of an evaluation report: predictions and per-class tables, metrics.json, the two pictures, report.md.
 
-best.py computes; this module only writes what it is given, every file atomically (temp file + rename), so a report
-folder never holds half a file. Plots use matplotlib's Agg backend: no display needed.
+retrain.py and inference.py compute; this module only writes what it is given, every file through hamtune.io
+(atomically), so a report folder never holds half a file. Plots use matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES
-from hamtune.results import atomic_write_bytes, save_figure
+from hamtune.io import atomic_write_bytes, atomic_write_json, save_figure, write_csv
 
 PROB_PREFIX = "prob_"
 
@@ -35,40 +34,13 @@ def predictions_table(image_ids: Sequence[str], lesion_ids: Sequence[str | None]
     return table
 
 
-def json_ready(value: Any) -> Any:
-    """NaN/inf -> None and numpy -> Python, so metrics.json is strict JSON any reader accepts."""
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    atomic_write_bytes(path, (json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n").encode())
-    return path
-
-
-def write_csv(path: Path, table: pd.DataFrame) -> Path:
-    atomic_write_bytes(path, table.to_csv(index=False).encode())
-    return path
-
-
 def write_evaluation(out_dir: Path, predictions: pd.DataFrame, metrics: Mapping[str, Any],
                      classification_report: pd.DataFrame) -> list[Path]:
     """metrics.json, classification_report.csv, predictions.csv and confusion_matrix.png in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = classification_report.reset_index().rename(columns={"index": "class"})
     written = [
-        write_json(out_dir / "metrics.json", metrics),
+        atomic_write_json(out_dir / "metrics.json", metrics),
         write_csv(out_dir / "classification_report.csv", report),
         write_csv(out_dir / "predictions.csv", predictions),
         plot_confusion_matrix(out_dir / "confusion_matrix.png", np.asarray(metrics["confusion_matrix"]),
@@ -91,31 +63,21 @@ def _pyplot():
 
 
 def plot_confusion_matrix(path: Path, counts: np.ndarray, classes: Sequence[str] = CLASSES, title: str = "") -> Path:
-    """Counts and row-normalised (recall per true class) side by side; class names on both axes."""
+    """Counts and row-normalised (recall per true class) side by side (scikit-learn's ConfusionMatrixDisplay)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     plt = _pyplot()
     counts = np.asarray(counts, dtype=np.int64)
     rows = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normalised = np.where(rows > 0, counts / np.maximum(rows, 1), np.nan)
+    normalised = counts / np.maximum(rows, 1)  # a class with no true images shows a row of zeros
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    panels = ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised (recall)", ".2f"))
-    for ax, values, name, fmt in panels:
-        shown = np.nan_to_num(values.astype(float), nan=0.0)
-        image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if fmt == ".2f" else max(1, shown.max()))
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        ticks = range(len(classes))
-        ax.set_xticks(ticks, classes, rotation=45, ha="right")
-        ax.set_yticks(ticks, classes)
+    for ax, values, name, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised (recall)",
+                                                                       ".2f")):
+        ConfusionMatrixDisplay(values, display_labels=list(classes)).plot(
+            ax=ax, cmap="Blues", values_format=fmt, xticks_rotation=45, colorbar=True)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(name)
-        limit = shown.max() / 2 if shown.max() > 0 else 0.5
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                v = values[i, j]
-                text = "–" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if shown[i, j] > limit else "black")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

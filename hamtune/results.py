@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -17,66 +15,16 @@ import numpy as np
 import pandas as pd
 
 from hamtune.errors import HamtuneError
+from hamtune.io import save_figure
 
 RESULTS_DIR = Path("results")
 EXPERIMENT_FILE = "experiment.json"
-# Bookkeeping keys Tune adds to every report; the history keeps only the epoch clock and wall time.
-_TUNE_KEYS = {
-    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
-    "time_this_iter_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "config",
-    "experiment_tag", "time_total_s",
-}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
-
-
-def atomic_write_table(df: pd.DataFrame, path_parquet: Path) -> None:
-    """Write a table as parquet and a CSV copy beside it, each atomically."""
-    import io
-
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(path_parquet, buf.getvalue())
-    atomic_write_bytes(path_parquet.with_suffix(".csv"), df.to_csv(index=False).encode())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def metric_values(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The metrics of one report, without Tune's bookkeeping; `epoch` is the trial's epoch clock."""
-    row = {k: v for k, v in result.items() if k not in _TUNE_KEYS and not isinstance(v, (dict, list))}
+def metric_values(result: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The metrics of one report without the `drop` keys (the searcher's bookkeeping); `epoch` is the epoch clock."""
+    drop = set(drop)
+    row = {k: v for k, v in result.items() if k not in drop and not isinstance(v, (dict, list))}
     row["epoch"] = int(result.get("epoch", result.get("training_iteration", 0)))
     return row
 
@@ -97,34 +45,48 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
     `trials` are mappings with trial_id, tune_status (PENDING/RUNNING/TERMINATED/ERROR), config, wall_time_s and
     optionally best_checkpoint; `history` is history_table's output.
     """
-    rows = []
+    trials = list(trials)
     metric_cols = [c for c in history.columns if c not in ("trial_id", "epoch", "trial_status")
                    and pd.api.types.is_numeric_dtype(history[c])]
+    lower_is_better = [c for c in metric_cols if c.endswith("loss") or c == "epoch_time_s"]
+    higher_is_better = [c for c in metric_cols if c not in lower_is_better]
+    by_trial = history.groupby("trial_id", sort=False)
+    summary = pd.concat([
+        by_trial["epoch"].max().rename("epochs"),
+        by_trial[lower_is_better].min().add_prefix("best_"),
+        by_trial[higher_is_better].max().add_prefix("best_"),
+        history.drop_duplicates("trial_id", keep="last").set_index("trial_id")[metric_cols].add_prefix("last_"),
+    ], axis=1) if len(history) else pd.DataFrame()
+    if len(history) and metric in history.columns:
+        scored = history.dropna(subset=[metric])
+        peak = scored.groupby("trial_id")[metric].idxmax() if mode == "max" else \
+            scored.groupby("trial_id")[metric].idxmin()
+        best_epoch = scored.loc[peak.to_numpy()].set_index("trial_id")["epoch"].astype(int)
+    else:
+        best_epoch = pd.Series(dtype="int64")
+    non_finite = set(history.loc[history["trial_status"] == "non_finite", "trial_id"]) \
+        if "trial_status" in history.columns else set()
+
+    rows = []
     for t in trials:
-        h = history[history["trial_id"] == t["trial_id"]] if len(history) else history
-        row: dict[str, Any] = {"trial_id": t["trial_id"]}
-        epochs = int(h["epoch"].max()) if len(h) else 0
-        non_finite = "trial_status" in h.columns and (h["trial_status"] == "non_finite").any()
-        row["status"] = trial_status(t["tune_status"], epochs, max_epochs, bool(non_finite))
-        row["epochs"] = epochs
-        for k, v in sorted((t.get("config") or {}).items()):
-            row[f"config.{k}"] = v
-        if len(h) and metric in h.columns and h[metric].notna().any():
-            best_idx = h[metric].idxmax() if mode == "max" else h[metric].idxmin()
-            row["best_epoch"] = int(h.loc[best_idx, "epoch"])
-        else:
-            row["best_epoch"] = None
+        trial_id = t["trial_id"]
+        s = summary.loc[trial_id] if trial_id in summary.index else pd.Series(dtype=float)
+        epochs = int(s.get("epochs", 0))
+        row: dict[str, Any] = {
+            "trial_id": trial_id,
+            "status": trial_status(t["tune_status"], epochs, max_epochs, trial_id in non_finite),
+            "epochs": epochs,
+            **{f"config.{k}": v for k, v in sorted((t.get("config") or {}).items())},
+            "best_epoch": int(best_epoch[trial_id]) if trial_id in best_epoch.index else None,
+        }
         for c in metric_cols:
-            values = h[c].dropna() if len(h) else pd.Series(dtype=float)
-            lower_is_better = c.endswith("loss") or c in ("epoch_time_s",)
-            if len(values):
-                row[f"best_{c}"] = float(values.min() if lower_is_better else values.max())
-                row[f"last_{c}"] = float(h[c].iloc[-1]) if pd.notna(h[c].iloc[-1]) else math.nan
+            if pd.notna(s.get(f"best_{c}", math.nan)):
+                row[f"best_{c}"] = float(s[f"best_{c}"])
+                row[f"last_{c}"] = float(s[f"last_{c}"])
         row["wall_time_s"] = t.get("wall_time_s")
         row["best_checkpoint"] = t.get("best_checkpoint")
         rows.append(row)
-    df = pd.DataFrame(rows)
-    return df
+    return pd.DataFrame(rows)
 
 
 def trial_status(tune_status: str, epochs: int, max_epochs: int, non_finite: bool) -> str:
@@ -218,7 +180,8 @@ def best_trial(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.Series:
     ok = trials[trials["status"].isin(["completed", "stopped"]) & trials.get(col, pd.Series(dtype=float)).notna()] \
         if col in trials.columns else trials.iloc[0:0]
     if ok.empty:
-        raise HamtuneError(f"no trial reported '{metric}' (statuses: {dict(trials['status'].value_counts())})")
+        counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+        raise HamtuneError(f"no completed or stopped trial reported '{metric}' (trials: {counts or 'none'})")
     idx = ok[col].idxmax() if mode == "max" else ok[col].idxmin()
     return ok.loc[idx]
 
@@ -301,13 +264,3 @@ def write_search_plots(path: Path, trials: pd.DataFrame, history: pd.DataFrame, 
         written.append(save_figure(fig, path / "params.png"))
         plt.close(fig)
     return written
-
-
-def save_figure(fig, path: Path, *, dpi: int = 110, tight: bool = False) -> Path:
-    """A matplotlib figure as a PNG, written atomically like every other result file."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
-    atomic_write_bytes(path, buf.getvalue())
-    return path

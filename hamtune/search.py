@@ -17,18 +17,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Save the experiment state often, so a killed driver loses at most a few seconds of bookkeeping.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# Per-epoch checkpoints force frequent experiment snapshots by design; Tune's warning about it is noise here.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+def ray_environment() -> None:
+    """Every environment variable hamtune sets for Ray, in one place, applied before Ray is first imported.
+
+    Ray reads some of them at import time, so this module applies them before its own `import ray`; Ray's workers
+    inherit them. A user's own settings win (setdefault). Without RAY_ADDRESS (set by `--address`), Ray stays on
+    127.0.0.1 instead of the machine's network address: that switch is how Ray itself stays on loopback on macOS.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Save the experiment state often, so a killed driver loses at most a few seconds of bookkeeping.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Per-epoch checkpoints force frequent experiment snapshots by design; Tune's warning about it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-from hamtune import results as res
-from hamtune.errors import HamtuneError
-from hamtune.space import SearchSpec
+ray_environment()
 
+import ray  # noqa: E402 - after ray_environment(), which Ray reads at import
+from optuna.trial import TrialState  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from hamtune import results as res  # noqa: E402
+from hamtune.data.cache import prepare_spec_data  # noqa: E402
+from hamtune.errors import HamtuneError  # noqa: E402
+from hamtune.io import atomic_write_json, atomic_write_table  # noqa: E402
+from hamtune.space import SearchSpec  # noqa: E402
+
+# What Tune adds to every report; the history keeps the metrics, the epoch clock and hamtune's own keys.
+TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOULD_CHECKPOINT}
 log = logging.getLogger("hamtune")
 STATE_FILE = "state.pt"
 
@@ -40,9 +62,9 @@ STATE_FILE = "state.pt"
 def train_trial(config: dict, *, train, val, fixed: dict, cpus: float) -> None:
     """Fit one config, reporting every epoch with a checkpoint; resumes from Tune's checkpoint after a failure."""
     import torch
-    from ray import tune
 
-    from hamtune.train import TrainConfig, fit, load_state, save_state
+    from hamtune.config import TrainConfig
+    from hamtune.train import fit, load_state, save_state
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" every epoch
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
@@ -89,38 +111,32 @@ def _inject_crash(epoch: int) -> None:
 # Searcher, scheduler, results callback
 
 
-def _optuna_search_class():
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth: ASHA-stopped trials are PRUNED, non-finite ones FAILED.
 
-    class PruningAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that tells Optuna the truth: ASHA-stopped trials are PRUNED, non-finite ones FAILED.
+    Tune's OptunaSearch marks every trial that reported a value COMPLETE, so Optuna's TPE would treat a trial
+    cut at epoch 1 as if its epoch-1 score were final.
+    """
 
-        Tune's OptunaSearch marks every trial that reported a value COMPLETE, so Optuna's TPE would treat a trial
-        cut at epoch 1 as if its epoch-1 score were final.
-        """
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
 
-        def __init__(self, *args, max_epochs: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._max_epochs = max_epochs
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials or not result:
-                return super().on_trial_complete(trial_id, result, error)
-            state = None
-            if result.get("trial_status") == "non_finite":
-                state = TrialState.FAIL
-            elif not error and int(result.get("epoch", self._max_epochs)) < self._max_epochs:
-                state = TrialState.PRUNED
-            if state is None:
-                return super().on_trial_complete(trial_id, result, error)
-            try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=state)
-            except Exception as exc:  # a trial Optuna already closed
-                log.warning("optuna: %s", exc)
-            self._completed_trials.add(trial_id)
-
-    return PruningAwareOptunaSearch
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or not result:
+            return super().on_trial_complete(trial_id, result, error)
+        state = None
+        if result.get("trial_status") == "non_finite":
+            state = TrialState.FAIL
+        elif not error and int(result.get("epoch", self._max_epochs)) < self._max_epochs:
+            state = TrialState.PRUNED
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        except Exception as exc:  # a trial Optuna already closed
+            log.warning("optuna: %s", exc)
+        self._completed_trials.add(trial_id)
 
 
 def make_searcher(spec: SearchSpec):
@@ -134,7 +150,7 @@ def make_searcher(spec: SearchSpec):
 
     sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(5, max(1, s.num_samples // 3))) \
         if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    return _optuna_search_class()(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs)
+    return PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs)
 
 
 def make_scheduler(spec: SearchSpec):
@@ -148,70 +164,65 @@ def make_scheduler(spec: SearchSpec):
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def _results_callback_class():
-    from ray.tune import Callback
+class ResultsTablesCallback(tune.Callback):
+    """Keeps results/<experiment>/ tables current: rewritten atomically as trials finish and at the end."""
 
-    class ResultsTablesCallback(Callback):
-        """Keeps results/<experiment>/ tables current: rewritten atomically as trials finish and at the end."""
+    def __init__(self, exp_dir: Path, spec: SearchSpec, min_interval_s: float = 10.0):
+        self.exp_dir, self.spec, self.min_interval_s = exp_dir.resolve(), spec, min_interval_s
+        self.history: list[dict] = []
+        self.wall: dict[str, float] = {}
+        self.ended: set[str] = set()
+        self._last_write = 0.0
 
-        def __init__(self, exp_dir: Path, spec: SearchSpec, min_interval_s: float = 10.0):
-            self.exp_dir, self.spec, self.min_interval_s = exp_dir.resolve(), spec, min_interval_s
-            self.history: list[dict] = []
-            self.wall: dict[str, float] = {}
-            self.ended: set[str] = set()
-            self._last_write = 0.0
+    def setup(self, **info):
+        """Runs at the start and again on resume (Tune restores this object from its own pickle)."""
+        import pandas as pd
 
-        def setup(self, **info):
-            """Runs at the start and again on resume (Tune restores this object from its own pickle)."""
-            import pandas as pd
+        previous = self.exp_dir / "history.parquet"
+        self.history = pd.read_parquet(previous).to_dict("records") if previous.is_file() else []
+        self.ended: set[str] = set()  # trials that Tune completed (ran out, stopped by ASHA, or non-finite)
+        trials = self.exp_dir / "trials.parquet"
+        if trials.is_file():
+            t = pd.read_parquet(trials)
+            self.wall = {r.trial_id: float(r.wall_time_s or 0) for r in t.itertuples()}
+            self.ended = set(t.loc[t["status"].isin(["completed", "stopped", "non_finite"]), "trial_id"])
 
-            previous = self.exp_dir / "history.parquet"
-            self.history = pd.read_parquet(previous).to_dict("records") if previous.is_file() else []
-            self.ended: set[str] = set()  # trials that Tune completed (ran out, stopped by ASHA, or non-finite)
-            trials = self.exp_dir / "trials.parquet"
-            if trials.is_file():
-                t = pd.read_parquet(trials)
-                self.wall = {r.trial_id: float(r.wall_time_s or 0) for r in t.itertuples()}
-                self.ended = set(t.loc[t["status"].isin(["completed", "stopped", "non_finite"]), "trial_id"])
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.history.append({"trial_id": trial.trial_id, **res.metric_values(result)})
-            self.wall[trial.trial_id] = float(result.get("time_total_s", 0.0))
-            if time.monotonic() - self._last_write > self.min_interval_s:
-                self.write(trials)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.ended.add(trial.trial_id)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.history.append({"trial_id": trial.trial_id, **res.metric_values(result, drop=TUNE_KEYS)})
+        self.wall[trial.trial_id] = float(result.get("time_total_s", 0.0))
+        if time.monotonic() - self._last_write > self.min_interval_s:
             self.write(trials)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.write(trials)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
+        self.write(trials)
 
-        def on_experiment_end(self, trials, **info):
-            self.write(trials)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.write(trials)
 
-        def _status(self, trial) -> str:
-            # on_trial_complete runs while Tune still says RUNNING; and Tune also marks trials TERMINATED when a
-            # Ctrl-C ends the experiment, though those are interrupted, not done.
-            if trial.trial_id in self.ended and trial.status in ("RUNNING", "TERMINATED"):
-                return "TERMINATED"
-            return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
+    def on_experiment_end(self, trials, **info):
+        self.write(trials)
 
-        def write(self, trials) -> None:
-            write_tables(self.exp_dir, self.spec, self.history, [
-                {"trial_id": t.trial_id, "config": t.config, "tune_status": self._status(t),
-                 "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
-            self._last_write = time.monotonic()
+    def _status(self, trial) -> str:
+        # on_trial_complete runs while Tune still says RUNNING; and Tune also marks trials TERMINATED when a
+        # Ctrl-C ends the experiment, though those are interrupted, not done.
+        if trial.trial_id in self.ended and trial.status in ("RUNNING", "TERMINATED"):
+            return "TERMINATED"
+        return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
 
-    return ResultsTablesCallback
+    def write(self, trials) -> None:
+        write_tables(self.exp_dir, self.spec, self.history, [
+            {"trial_id": t.trial_id, "config": t.config, "tune_status": self._status(t),
+             "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
+        self._last_write = time.monotonic()
 
 
 def write_tables(exp_dir: Path, spec: SearchSpec, history_rows: list[dict], trial_rows: list[dict]) -> None:
     history = res.history_table(history_rows)
     trials = res.trials_table(trial_rows, history, metric=spec.search.metric, mode=spec.search.mode,
                               max_epochs=spec.max_epochs)
-    res.atomic_write_table(history, exp_dir / "history.parquet")
-    res.atomic_write_table(trials, exp_dir / "trials.parquet")
+    atomic_write_table(history, exp_dir / "history.parquet")
+    atomic_write_table(trials, exp_dir / "trials.parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,10 +239,6 @@ class SearchOutcome:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Local Ray on 127.0.0.1 by default; --address joins a running cluster."""
-    if not address:
-        use_loopback_only()
-    import ray
-
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
@@ -241,18 +248,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
 
 
-def use_loopback_only() -> None:
-    """Keep a single-machine Ray on 127.0.0.1 instead of the machine's network address.
-
-    Ray reads this switch when it is first imported (it is how Ray itself stays on loopback on macOS and Windows), so
-    the CLI calls this before anything imports ray; the raylet's workers inherit it.
-    """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
 def alive_nodes() -> list[dict]:
-    import ray
-
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
@@ -282,10 +278,6 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
                verbose: int = 1, reuse_actors: bool = True) -> SearchOutcome:
     """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the leaderboard."""
-    from ray import tune
-
-    from hamtune.data import SplitSpec, prepare
-
     exp_dir = results_dir / spec.experiment
     record_path = exp_dir / res.EXPERIMENT_FILE
     if resume:
@@ -295,10 +287,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     elif record_path.is_file():
         raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
                            f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
-    d = spec.data
-    data = prepare(d.source, d.image_size, cache_dir=Path(d.cache_dir) if d.cache_dir else None,
-                   split=SplitSpec(val=d.val, test=d.test, seed=d.split_seed), strict=d.strict,
-                   synthetic_size=d.synthetic_size, synthetic_seed=d.synthetic_seed)
+    data = prepare_spec_data(spec.data)
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
 
     init_ray(address, num_cpus)
@@ -322,7 +311,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                                                 "sizes": data.split_sizes()},
         "max_epochs": spec.max_epochs, "searched": spec.searched_keys(),
     }
-    res.atomic_write_json(record_path, record)
+    atomic_write_json(record_path, record)
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu),
@@ -343,7 +332,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                    else {"metric": spec.search.metric, "mode": spec.search.mode})),
             run_config=tune.RunConfig(
                 name=tune_name, storage_path=tune_storage, verbose=verbose,
-                callbacks=[_results_callback_class()(exp_dir, spec)],
+                callbacks=[ResultsTablesCallback(exp_dir, spec)],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=spec.search.metric,
@@ -368,12 +357,12 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         if ck is not None:
             best_ckpts[trial_id] = ck.path
     trials["best_checkpoint"] = trials["trial_id"].map(best_ckpts)
-    res.atomic_write_table(trials, exp_dir / "trials.parquet")
+    atomic_write_table(trials, exp_dir / "trials.parquet")
     done = trials["status"].isin(["completed", "stopped", "non_finite", "error"])
     finished = bool(done.all()) and len(trials) >= spec.search.num_samples
     record.update(state="finished" if finished else "interrupted", updated=_now(),
                   wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
-    res.atomic_write_json(record_path, record)
+    atomic_write_json(record_path, record)
     try:
         res.write_search_plots(exp_dir, trials, history, metric=spec.search.metric, params=spec.searched_keys())
     except Exception as exc:  # a plot is never worth losing the search over
@@ -382,11 +371,9 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
 
 
 def _reporter(spec: SearchSpec):
-    from ray.tune import CLIReporter
-
     cols = {"epoch": "epoch", spec.search.metric: spec.search.metric.removeprefix("val_"), "val_loss": "val_loss",
             "train_images_per_s": "img/s"}
-    return CLIReporter(metric_columns=cols, parameter_columns=spec.searched_keys(), max_report_frequency=30,
+    return tune.CLIReporter(metric_columns=cols, parameter_columns=spec.searched_keys(), max_report_frequency=30,
                        metric=spec.search.metric, mode=spec.search.mode, sort_by_metric=True, max_progress_rows=12)
 
 

@@ -80,7 +80,7 @@ class SearchSpec:
 
     @property
     def max_epochs(self) -> int:
-        from hamtune.train import TrainConfig
+        from hamtune.config import TrainConfig
 
         return int(self.train.get("epochs", TrainConfig().epochs))
 
@@ -153,7 +153,7 @@ def spec_from_dict(raw: Any, *, source: str = "<spec>", overrides: Mapping[str, 
 
 
 def _validate(spec: SearchSpec, source: str) -> None:
-    from hamtune.train import TrainConfig
+    from hamtune.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in spec.train:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
-import numbers
 import os
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,150 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamtune.augment import BatchAugment
+from hamtune.config import TrainConfig
 from hamtune.data.arrays import SplitArrays
-from hamtune.data.ham10000 import CLASSES, META_DIM, NUM_CLASSES
+from hamtune.data.ham10000 import CLASSES, NUM_CLASSES
 from hamtune.errors import HamtuneError
-from hamtune.imbalance import STRATEGIES, epoch_indices, make_criterion
+from hamtune.imbalance import epoch_indices, make_criterion
+from hamtune.io import atomic_write_bytes
 from hamtune.metrics import classification_metrics
-from hamtune.model import create_model
+from hamtune.model import build_model
 
-OPTIMIZERS = ("adamw", "sgd")
+__all__ = ["FitResult", "TrainConfig", "build_model", "evaluate", "fit", "load_state", "predict_proba", "save_state",
+           "train_one_epoch"]
+
 STATE_FORMAT = 1
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of one training run; the search space is a subset of these keys."""
-
-    model: str = "resnet10t"
-    pretrained: bool | str = False  # True = local timm/HF cache only; str = path to .pth/.safetensors
-    head_hidden: int = 256
-    head_dropout: float = 0.3
-    use_meta: bool = False
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    augment_strength: float = 0.5
-    imbalance: str = "none"  # none | weighted_loss | oversample | focal
-    focal_gamma: float = 2.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    num_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        # Check and convert every field, however the config was made (from_dict, direct, dataclasses.replace).
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _convert(f.name, getattr(self, f.name), _FIELD_TYPES[f.name]))
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Validate and convert a plain mapping (YAML, a Ray Tune sample); bad input -> HamtuneError naming the key."""
-        if not isinstance(d, Mapping):
-            raise HamtuneError(f"train config: expected a mapping of keys to values, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise HamtuneError(
-                f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        """Range checks (types were checked and converted by __post_init__)."""
-        checks = [
-            ("model", _is_timm_model(self.model), "a timm model name (see timm.list_models())"),
-            ("head_hidden", self.head_hidden >= 0, ">= 0 (0 = a single linear layer)"),
-            ("head_dropout", 0.0 <= self.head_dropout < 1.0, "in [0, 1)"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 2, ">= 2 (BatchNorm needs two samples)"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            ("lr", self.lr > 0.0 and math.isfinite(self.lr), "> 0"),
-            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
-            ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
-            ("warmup_epochs", 0.0 <= self.warmup_epochs <= self.epochs, f"in [0, epochs={self.epochs}]"),
-            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),
-            ("augment_strength", 0.0 <= self.augment_strength <= 1.0, "in [0, 1]"),
-            ("imbalance", self.imbalance in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-            ("focal_gamma", 0.0 <= self.focal_gamma <= 10.0, "in [0, 10]"),
-            ("seed", self.seed >= 0, ">= 0"),
-            ("device", _is_device(self.device), "auto, cpu, cuda or cuda:N"),
-            ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or null"),
-        ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise HamtuneError(f"train config: {key}={getattr(self, key)!r} is invalid; expected {expected}")
-        if isinstance(self.pretrained, str) and not self.pretrained:
-            raise HamtuneError("train config: pretrained='' is invalid; expected true, false or a weights file path")
-
-
-_FIELD_TYPES = {
-    "model": str, "pretrained": "bool|str", "head_hidden": int, "head_dropout": float, "use_meta": bool,
-    "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "momentum": float,
-    "warmup_epochs": float, "label_smoothing": float, "augment_strength": float, "imbalance": str,
-    "focal_gamma": float, "seed": int, "device": str, "amp": bool, "channels_last": bool, "compile": bool,
-    "num_threads": "int|None",
-}
-
-
-def _convert(key: str, value: Any, kind: Any) -> Any:
-    """Accept numpy scalars (Ray Tune samples them) and ints for floats; reject bools posing as numbers."""
-    def bad(expected: str) -> HamtuneError:
-        return HamtuneError(f"train config: {key}={value!r} ({type(value).__name__}) is invalid; expected {expected}")
-
-    if kind == "int|None":
-        return None if value is None else _convert(key, value, int)
-    if kind == "bool|str":
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-        raise bad("true, false or a weights file path")
-    if kind is bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise bad("true or false")
-    if kind is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-            return int(value)
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and float(value).is_integer():
-            return int(value)  # 8.0 from a float search space is a fine batch size
-        raise bad("an integer")
-    if kind is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-            if not math.isfinite(float(value)):
-                raise bad("a finite number")
-            return float(value)
-        raise bad("a number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise bad("a string")
-    raise AssertionError(kind)
-
-
-def _is_timm_model(name: str) -> bool:
-    import timm
-
-    return timm.is_model(name)
-
-
-def _is_device(name: str) -> bool:
-    if name in ("auto", "cpu", "cuda", "mps"):
-        return True
-    head, _, tail = name.partition(":")
-    return head == "cuda" and tail.isdigit()
 
 
 @dataclass
@@ -200,17 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HamtuneError(f"train config: device={name!r} but CUDA is not available on this machine")
     return device
-
-
-def build_model(config: TrainConfig) -> nn.Module:
-    return create_model(
-        config.model,
-        NUM_CLASSES,
-        head_hidden=config.head_hidden,
-        head_dropout=config.head_dropout,
-        pretrained=config.pretrained,
-        meta_dim=META_DIM if config.use_meta else 0,
-    )
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -444,19 +301,10 @@ def _cpu_clone(value: Any) -> Any:
 
 
 def save_state(path: str | os.PathLike, state: dict) -> None:
-    """torch.save to a temp file in the same directory, then os.replace: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save, written atomically (hamtune.io): a crash never leaves a half-written checkpoint."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_state(path: str | os.PathLike) -> dict:

@@ -174,7 +174,7 @@ def test_metrics_equal_sklearn_on_the_predictions(retrained):
 
 
 def test_retrain_never_saw_a_test_image(retrained, experiment):
-    from hamtune.best import check_no_test_leak
+    from hamtune.retrain import check_no_test_leak
     from hamtune.data import SplitSpec, prepare
 
     out_dir, _ = retrained

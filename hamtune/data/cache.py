@@ -13,13 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
-import sys
 import time
-from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,21 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import PIL
-from PIL import Image, ImageFile
-from tqdm import tqdm
 
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import (
     PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, encode_meta, make_problems, read_metadata, scan_source,
 )
 from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
-from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, cpu_count, generate_synthetic, process_pool
+from hamtune.data.images import PREPROCESS_VERSION, decode_all, decode_image  # noqa: F401 - decode_image: public here too
+from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, generate_synthetic
+from hamtune.data.workers import cpu_count
 from hamtune.errors import HamtuneError
 
-PREPROCESS_VERSION = 1  # bump whenever decode_image's output for the same file changes
-RESAMPLE = Image.Resampling.LANCZOS
 MANIFEST = "manifest.json"
-_PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than decoding in this process
 log = logging.getLogger("hamtune.data")
 
 
@@ -91,42 +85,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hamtune"
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode one image to uint8 (size, size, 3): short side resized to `size`, centre square kept.
-
-    JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below `size`), which is most of the speed.
-    `load()` is called explicitly so that a truncated file raises instead of being padded with grey.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))
-        image.load()
-        rgb = image.convert("RGB")
-    width, height = rgb.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    square = rgb.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side))
-    return np.asarray(square, dtype=np.uint8)
-
-
-def _decode_rows(npy_path: str, start: int, paths: list[str], size: int) -> list[tuple[int, str]]:
-    """Decode paths into rows start.. of the .npy file; return (row, reason) for files that could not be decoded."""
-    failures = []
-    was_lenient = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whatever another library set
-    out = np.load(npy_path, mmap_mode="r+")
-    try:
-        for row, path in enumerate(paths, start):
-            try:
-                out[row] = decode_image(path, size)
-            except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is unusable
-                failures.append((row, f"{type(err).__name__}: {err}".splitlines()[0]))
-        out.flush()
-    finally:
-        del out
-        ImageFile.LOAD_TRUNCATED_IMAGES = was_lenient
-    return failures
-
-
 def fingerprint(files: SourceFiles, image_size: int) -> str:
     """Hash of everything the decoded arrays depend on: file list, metadata bytes, image size, PREPROCESS_VERSION."""
     digest = hashlib.sha256()
@@ -174,30 +132,6 @@ def _commit(tmp: Path, target: Path) -> None:
         if not _is_complete(target):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def decode_all(paths: list[str], size: int, out_path: Path, workers: int, progress: bool) -> list[tuple[int, str]]:
-    """Decode `paths` into a new (N, size, size, 3) .npy at out_path; return (row, reason) of failed rows."""
-    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    del images  # created on disk; workers open it themselves
-    chunk = max(16, min(512, math.ceil(len(paths) / (workers * 8))))
-    starts = range(0, len(paths), chunk)
-    failures: list[tuple[int, str]] = []
-    with tqdm(total=len(paths), desc=f"decode {size}px", unit="img", disable=not progress, file=sys.stderr) as bar:
-        if workers > 1 and len(paths) >= _PARALLEL_MIN_IMAGES:
-            with process_pool(min(workers, len(starts))) as pool:
-                futures = {
-                    pool.submit(_decode_rows, str(out_path), s, paths[s:s + chunk], size): len(paths[s:s + chunk])
-                    for s in starts
-                }
-                for future in as_completed(futures):
-                    failures += future.result()
-                    bar.update(futures[future])
-        else:
-            for s in starts:
-                failures += _decode_rows(str(out_path), s, paths[s:s + chunk], size)
-                bar.update(len(paths[s:s + chunk]))
-    return sorted(failures)
 
 
 def _drop_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 1024) -> None:
@@ -359,3 +293,14 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
                            "expected equal counts (delete this cache folder)")
     return PreparedData(path=entry, fingerprint=key, image_size=image_size, images=images, table=table, split=split,
                         decoded=decoded, problems=problems)
+
+
+def prepare_spec_data(settings, *, cache_dir: Path | None = None, progress: bool = True) -> PreparedData:
+    """prepare() with a search spec's data section (hamtune.space.DataSettings): the one mapping of settings onto it.
+
+    cache_dir, when given, is used where the settings name none (a recorded experiment remembers its cache).
+    """
+    cache = Path(settings.cache_dir) if settings.cache_dir else cache_dir
+    return prepare(settings.source, settings.image_size, cache_dir=cache, strict=settings.strict, progress=progress,
+                   split=SplitSpec(val=settings.val, test=settings.test, seed=settings.split_seed),
+                   synthetic_size=settings.synthetic_size, synthetic_seed=settings.synthetic_seed)

@@ -36,7 +36,7 @@ def class_table(prepared) -> pd.DataFrame:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    from hamtune.results import save_figure
+    from hamtune.io import save_figure
 
     return save_figure(figure, path, dpi=120, tight=True)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hamtune.data.images import IMAGE_SUFFIXES, walk_images
 from hamtune.errors import HamtuneError
 
 # One class order for the whole product: labels, model outputs, reports and saved models all use it.
@@ -34,6 +35,8 @@ LOCALIZATIONS = (
     "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand", "lower extremity",
     "neck", "scalp", "trunk", "unknown", "upper extremity",
 )
+# The ISIC 2018 Task 3 ground-truth column order (one-hot per image), as the challenge's files and scorer use it.
+ISIC_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 # age/100, sex one-hot, localization one-hot
 META_DIM = 1 + len(SEXES) + len(LOCALIZATIONS)
 
@@ -42,7 +45,6 @@ META_DIM = 1 + len(SEXES) + len(LOCALIZATIONS)
 # one-line HamtuneError; rows and files that merely do not pair up are returned as `problems` so a run can go on.
 
 METADATA_FILE = "HAM10000_metadata.csv"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PROBLEM_KINDS = ("missing_image", "unlisted_image", "unreadable_image")
 PROBLEM_COLUMNS = ("kind", "image_id", "path", "detail")
 TABLE_COLUMNS = ("image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex", "localization")
@@ -61,30 +63,6 @@ class SourceFiles:
     listing: tuple[tuple[str, int, int], ...]  # (relative name, size, mtime_ns) of every image file, sorted
 
 
-def _find_image_files(root: Path) -> tuple[list[tuple[str, str, os.stat_result]], bool]:
-    """(relative posix name, path, stat) of every image file below root, skipping hidden files and folders; and
-    whether root holds anything at all. scandir, not os.walk + stat: the stat comes with the directory listing."""
-    found = []
-    anything = False
-    seen_dirs = set()
-    pending = [str(root)]
-    prefix = len(str(root)) + 1
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                anything = True
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():  # follows symlinks; the inode set stops link loops
-                    key = (entry.stat().st_dev, entry.stat().st_ino)
-                    if key not in seen_dirs:
-                        seen_dirs.add(key)
-                        pending.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
-                    found.append((entry.path[prefix:].replace(os.sep, "/"), entry.path, entry.stat()))
-    return found, anything
-
-
 def scan_source(root: str | Path) -> SourceFiles:
     """Find the metadata file in `root` and the image files anywhere below it.
 
@@ -97,7 +75,7 @@ def scan_source(root: str | Path) -> SourceFiles:
     if not root.is_dir():
         raise HamtuneError(f"{root}: is a file, not a data folder; {_LAYOUT_HINT}")
 
-    found, anything = _find_image_files(root)
+    found, anything = walk_images(root)
     if not found:
         what = "is empty" if not anything else "holds no .jpg/.jpeg/.png image files (searched all subfolders)"
         raise HamtuneError(f"{root}: data folder {what}; {_LAYOUT_HINT}")
@@ -128,17 +106,29 @@ def scan_source(root: str | Path) -> SourceFiles:
     return SourceFiles(root=root, metadata=metadata, images=images, listing=listing)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_csv_strings(path: Path, expected: str) -> pd.DataFrame:
+    """A CSV as stripped strings (BOM tolerated, nothing parsed as NaN); unreadable -> one line ending in `expected`.
+
+    The one reader of HAM10000 metadata and label files, so both refuse a bad file in the same words.
+    """
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise HamtuneError(f"{path}: metadata file is empty; expected a header {','.join(METADATA_COLUMNS)}") from None
+        raise HamtuneError(f"{path}: file is empty; {expected}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HamtuneError(
-            f"{path}: cannot be read as CSV ({first}); expected a comma-separated HAM10000 metadata file") from None
+        raise HamtuneError(f"{path}: cannot be read as CSV ({first}); {expected}") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     return raw
+
+
+def check_dx(dx: pd.Series, raw_dx: pd.Series, path: Path, line) -> None:
+    """Refuse the first value of `dx` (lower-cased codes) that is not one of CLASSES, naming its file line."""
+    unknown = ~dx.isin(CLASSES)
+    if unknown.any():
+        first = int(np.argmax(unknown.to_numpy()))
+        raise HamtuneError(f"{path}: line {line[first]}: dx {raw_dx.iloc[first]!r} is not a HAM10000 diagnosis code; "
+                           f"expected one of {', '.join(CLASSES)}")
 
 
 def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -148,7 +138,7 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
     both a metadata row and a file; problems lists rows without a file and files without a row.
     """
     path = files.metadata
-    raw = _read_csv(path)
+    raw = read_csv_strings(path, f"expected a comma-separated HAM10000 metadata file with header {','.join(METADATA_COLUMNS)}")
     missing = [c for c in METADATA_COLUMNS if c not in raw.columns]
     if missing:
         raise HamtuneError(
@@ -165,13 +155,7 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
             raise HamtuneError(f"{path}: line {line[empty].iloc[0]}: {column} is empty; expected an id on every row")
 
     meta["dx"] = meta["dx"].str.lower()
-    unknown = ~meta["dx"].isin(CLASSES)
-    if unknown.any():
-        first = unknown.idxmax()
-        raise HamtuneError(
-            f"{path}: line {line[first]}: dx {raw.loc[first, 'dx']!r} is not a HAM10000 diagnosis code; "
-            f"expected one of {', '.join(CLASSES)}"
-        )
+    check_dx(meta["dx"], raw["dx"], path, line.to_numpy())
 
     duplicated = meta["image_id"].duplicated(keep=False)
     if duplicated.any():

@@ -9,8 +9,8 @@ because that one cannot guarantee the per-class presence for rare classes and sp
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pandas as pd
 
 from hamtune.data.ham10000 import CLASSES
 from hamtune.errors import HamtuneError
+from hamtune.io import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 
@@ -134,7 +135,7 @@ def load_or_make_split(entry: Path, table: pd.DataFrame, spec: SplitSpec) -> np.
             return split
     split = assign_splits(table, spec)
     check_split(table, split)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pd.DataFrame({"image_id": table["image_id"].to_numpy(), "split": split}).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    pd.DataFrame({"image_id": table["image_id"].to_numpy(), "split": split}).to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
     return split

@@ -1,0 +1,70 @@
+"""Label files for evaluating a saved model on an external set: HAM10000 metadata or ISIC 2018 Task 3 ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, check_dx, encode_meta, read_csv_strings
+from hamtune.errors import HamtuneError
+
+
+def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
+    """Labels from a HAM10000 metadata CSV or an ISIC 2018 Task 3 ground-truth CSV.
+
+    Returns (table with image_id, lesion_id (None when unknown), label, dx, age, sex, localization; form name).
+    """
+    path = Path(path)
+    expected = ("expected HAM10000 metadata columns image_id, dx (optionally lesion_id, age, sex, localization) or "
+                f"ISIC 2018 Task 3 ground-truth columns image, {', '.join(ISIC_COLUMNS)}")
+    if not path.is_file():
+        raise HamtuneError(f"{path}: labels file not found; {expected}")
+    raw = read_csv_strings(path, expected)
+    line = np.arange(len(raw)) + 2  # file line of each row; line 1 is the header
+    if {"image_id", "dx"} <= set(raw.columns):
+        form = "HAM10000 metadata"
+        table = pd.DataFrame({"image_id": raw["image_id"].str.strip(), "dx": raw["dx"].str.strip().str.lower()})
+        check_dx(table["dx"], raw["dx"], path, line)
+        if "lesion_id" in raw.columns:
+            lesion = raw["lesion_id"].str.strip()
+            table["lesion_id"] = lesion.mask(lesion == "", None)
+        else:
+            table["lesion_id"] = None
+        for column in ("age", "sex", "localization"):
+            table[column] = raw[column] if column in raw.columns else ("" if column != "age" else np.nan)
+    elif "image" in raw.columns and set(ISIC_COLUMNS) <= set(raw.columns):
+        form = "ISIC 2018 Task 3 ground truth"
+        try:
+            onehot = raw[list(ISIC_COLUMNS)].apply(lambda c: c.str.strip().astype(float)).to_numpy()
+        except ValueError as exc:
+            raise HamtuneError(f"{path}: class columns {', '.join(ISIC_COLUMNS)} must hold numbers 0/1 ({exc})") from None
+        valid = np.isin(onehot, (0.0, 1.0)).all(axis=1) & (onehot.sum(axis=1) == 1)
+        if not valid.all():
+            i = int(np.argmin(valid))
+            raise HamtuneError(f"{path}: line {line[i]}: expected exactly one 1.0 among {', '.join(ISIC_COLUMNS)}, "
+                               f"got {onehot[i].tolist()}")
+        codes = [c.lower() for c in ISIC_COLUMNS]
+        table = pd.DataFrame({"image_id": raw["image"].str.strip(), "dx": [codes[j] for j in onehot.argmax(axis=1)]})
+        table["lesion_id"] = None
+        table["age"], table["sex"], table["localization"] = np.nan, "", ""
+    else:
+        raise HamtuneError(f"{path}: unknown label format (columns: {', '.join(raw.columns) or 'none'}); {expected}")
+    if table.empty:
+        raise HamtuneError(f"{path}: has a header but no rows; expected one row per labelled image")
+    empty = table["image_id"] == ""
+    if empty.any():
+        raise HamtuneError(f"{path}: line {line[int(np.argmax(empty.to_numpy()))]}: empty image id")
+    duplicated = table["image_id"].duplicated()
+    if duplicated.any():
+        i = int(np.argmax(duplicated.to_numpy()))
+        raise HamtuneError(f"{path}: line {line[i]}: image {table['image_id'].iloc[i]} is labelled twice; "
+                           "expected each image once")
+    table["label"] = table["dx"].map({c: i for i, c in enumerate(CLASSES)}).astype(np.int64)
+    return table, form
+
+
+def unknown_meta(n: int) -> np.ndarray:
+    """Metadata features when none are known: age missing, sex and site 'unknown'."""
+    return encode_meta(pd.DataFrame({"age": [np.nan] * n, "sex": ["unknown"] * n, "localization": ["unknown"] * n}))

@@ -1,0 +1,168 @@
+"""A saved model on new images: `evaluate` on an external labelled set, `predict` on unlabelled images.
+
+Images are found and decoded by the data layer (hamtune.data.images) with the same decoder that filled the training
+cache, so a model sees at inference exactly the pixels it was trained on. Reports are written by hamtune.report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hamtune import report
+from hamtune.data.ham10000 import CLASSES, DIAGNOSES, encode_meta
+from hamtune.data.images import decode_files, find_images
+from hamtune.data.labels import read_labels, unknown_meta
+from hamtune.errors import HamtuneError
+from hamtune.io import write_csv
+from hamtune.metrics import classification_report_table, evaluation_metrics, summary_line
+from hamtune.modelfile import load_model
+from hamtune.train import predict_proba, resolve_device
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class EvaluationOutcome:
+    out_dir: Path
+    metrics: dict[str, Any]
+    files: list[Path]
+
+
+def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, out_dir: Path | None = None,
+                      tta: bool = False, echo: Echo = print) -> EvaluationOutcome:
+    """Score a saved model on a labelled image folder; write the same metrics and pictures as the retrain."""
+    device = resolve_device("auto")
+    loaded = load_model(model_path, device=device)
+    labels, form = read_labels(labels_path)
+    if not Path(images_dir).is_dir():
+        raise HamtuneError(f"{images_dir}: images folder not found")
+    out_dir = out_dir or Path(model_path).parent / f"eval-{Path(images_dir).resolve().name}"
+
+    files: dict[str, Path] = {}
+    duplicates = 0
+    for p in find_images([images_dir]):
+        if p.stem in files:
+            duplicates += 1  # Kaggle ships every image twice (part_1 and its lower-case copy): first one wins
+        else:
+            files[p.stem] = p
+    labelled = set(labels["image_id"])
+    unlabelled = sorted(set(files) - labelled)
+    missing = labels.loc[~labels["image_id"].isin(files.keys()), "image_id"].tolist()
+    echo(f"labels: {labels_path} ({form}, {len(labels)} rows); images: {len(files)} under {images_dir}"
+         + (f" ({duplicates} duplicate files ignored)" if duplicates else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listed = [write_csv(out_dir / "unlabelled_images.csv",
+                               pd.DataFrame({"image_id": unlabelled, "path": [str(files[i]) for i in unlabelled]})),
+              write_csv(out_dir / "missing_images.csv", pd.DataFrame({"image_id": missing}))]
+    echo(f"{len(unlabelled)} image(s) without a label (listed in {listed[0]})")
+    echo(f"{len(missing)} label(s) without an image (listed in {listed[1]})")
+
+    rows = labels[labels["image_id"].isin(files.keys())].reset_index(drop=True)
+    if rows.empty:
+        raise HamtuneError(f"{images_dir}: none of the {len(labels)} images labelled in {labels_path} is there; "
+                           "expected image files named <image id>.jpg/.jpeg/.png")
+    with tempfile.TemporaryDirectory(prefix="hamtune-eval-") as workdir:
+        images, failures = decode_files([files[i] for i in rows["image_id"]], loaded.image_size, Path(workdir))
+        unreadable = rows.iloc[[i for i, _ in failures]].assign(reason=[r for _, r in failures])
+        rows = rows.drop(index=[i for i, _ in failures]).reset_index(drop=True)
+        listed.append(write_csv(out_dir / "unreadable_images.csv", unreadable[["image_id", "reason"]]))
+        echo(f"{len(unreadable)} unreadable image(s) skipped (listed in {listed[2]})")
+        if rows.empty:
+            raise HamtuneError(f"{images_dir}: none of the labelled images could be decoded (see {listed[2]})")
+        meta = encode_meta(rows) if loaded.use_meta else None
+        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
+
+    has_lesions = rows["lesion_id"].notna().all()
+    y_true = rows["label"].to_numpy()
+    metrics = {
+        "model": str(model_path), "images": str(images_dir), "labels": str(labels_path), "label_format": form,
+        "n_test": len(rows), "tta": tta, **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None),
+        "unlabelled_images": len(unlabelled), "missing_images": len(missing), "unreadable_images": len(unreadable),
+        "duplicate_files_ignored": duplicates, "image_size": loaded.image_size,
+        "metadata": ("from the labels file" if form.startswith("HAM") else "unknown (all 'unknown')") if loaded.use_meta
+        else "not used by the model",
+    }
+    predictions = report.predictions_table(rows["image_id"], rows["lesion_id"] if has_lesions else None, y_true, probs)
+    table = classification_report_table(y_true, probs)
+    written = report.write_evaluation(out_dir, predictions, metrics, table) + listed
+    intro = [
+        f"Model `{model_path}` ({loaded.info.get('model')}, {loaded.image_size}px, trained on data "
+        f"`{loaded.fingerprint}`) on {len(rows)} labelled images from `{images_dir}` (labels: `{labels_path}`, {form} form).",
+        "",
+        f"- {len(unlabelled)} image(s) without a label, {len(missing)} label(s) without an image, {len(unreadable)} "
+        "unreadable image(s): listed in `unlabelled_images.csv`, `missing_images.csv`, `unreadable_images.csv`.",
+        f"- images decoded as for training: short side to {loaded.image_size}px, centre square "
+        "(hamtune.data.cache.decode_image)" + ("; test-time augmentation: flips averaged." if tta else "."),
+    ]
+    written.append(report.write_report_md(
+        out_dir / "report.md", title=f"Evaluation on {Path(images_dir).name}", intro=intro, metrics=metrics,
+        classification_report=table, pictures=[("Confusion matrix", "confusion_matrix.png")],
+        files=[p.name for p in written] + ["report.md"]))
+    echo(f"evaluated {len(rows)} images: {summary_line(metrics)}")
+    echo(f"report: {out_dir / 'report.md'}")
+    return EvaluationOutcome(out_dir=out_dir, metrics=metrics, files=written)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predict: class probabilities for unlabelled images
+
+
+def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo: Echo = print) -> pd.DataFrame:
+    """One row per readable image: path, top class code, its diagnosis name and probability, all probabilities."""
+    from hamtune.modelfile import load_model
+    from hamtune.train import predict_proba, resolve_device
+
+    device = resolve_device("auto")
+    loaded = load_model(model_path, device=device)
+    paths = find_images(inputs)
+    with tempfile.TemporaryDirectory(prefix="hamtune-predict-") as workdir:
+        images, failures = decode_files(paths, loaded.image_size, Path(workdir))
+        for i, reason in failures:
+            echo(f"skipped {paths[i]}: unreadable image ({reason})")
+        if len(failures) == len(paths):
+            raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
+        meta = unknown_meta(len(images)) if loaded.use_meta else None
+        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
+    bad = {i for i, _ in failures}
+    kept = [p for i, p in enumerate(paths) if i not in bad]
+    top = probs.argmax(axis=1)
+    table = pd.DataFrame({
+        "path": [str(p) for p in kept], "image_id": [p.stem for p in kept],
+        "predicted_dx": [CLASSES[i] for i in top], "diagnosis": [DIAGNOSES[CLASSES[i]] for i in top],
+        "probability": probs[np.arange(len(top)), top],
+    })
+    for i, name in enumerate(CLASSES):
+        table[f"{report.PROB_PREFIX}{name}"] = probs[:, i]
+    return table
+
+
+def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo: Echo = print) -> pd.DataFrame:
+    """One row per readable image: path, top class code, its diagnosis name and probability, all probabilities."""
+    device = resolve_device("auto")
+    loaded = load_model(model_path, device=device)
+    paths = find_images(inputs)
+    with tempfile.TemporaryDirectory(prefix="hamtune-predict-") as workdir:
+        images, failures = decode_files(paths, loaded.image_size, Path(workdir))
+        for i, reason in failures:
+            echo(f"skipped {paths[i]}: unreadable image ({reason})")
+        if len(failures) == len(paths):
+            raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
+        meta = unknown_meta(len(images)) if loaded.use_meta else None
+        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
+    bad = {i for i, _ in failures}
+    kept = [p for i, p in enumerate(paths) if i not in bad]
+    top = probs.argmax(axis=1)
+    table = pd.DataFrame({
+        "path": [str(p) for p in kept], "image_id": [p.stem for p in kept],
+        "predicted_dx": [CLASSES[i] for i in top], "diagnosis": [DIAGNOSES[CLASSES[i]] for i in top],
+        "probability": probs[np.arange(len(top)), top],
+    })
+    for i, name in enumerate(CLASSES):
+        table[f"{report.PROB_PREFIX}{name}"] = probs[:, i]
+    return table

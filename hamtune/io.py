@@ -1,0 +1,87 @@
+"""Writing what a user keeps: every file hamtune produces goes through here, atomically (temp file + rename).
+
+A reader (a person, `hamtune results`, a resumed search) never sees half a file, and a crash mid-write leaves the
+previous version in place. One JSON converter (json_ready) serves every JSON file, so numpy scalars, paths and NaN
+are written the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def json_ready(value: Any) -> Any:
+    """NaN/inf -> None, numpy -> Python, tuples -> lists, paths -> str: strict JSON, and plain data that
+    torch.load(weights_only=True) accepts in a model file."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        return str(value)  # also str subclasses such as torch's TorchVersion, which weights_only loading refuses
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+def write_csv(path: str | os.PathLike, table) -> Path:
+    return atomic_write_bytes(path, table.to_csv(index=False).encode())
+
+
+def atomic_write_table(table, path_parquet: str | os.PathLike) -> Path:
+    """A pandas table as parquet and a CSV copy beside it, each atomically."""
+    path_parquet = Path(path_parquet)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write_bytes(path_parquet, buf.getvalue())
+    write_csv(path_parquet.with_suffix(".csv"), table)
+    return path_parquet
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110, tight: bool = False) -> Path:
+    """A matplotlib figure as a PNG, written atomically like every other result file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    return atomic_write_bytes(path, buf.getvalue())
