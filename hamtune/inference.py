@@ -115,35 +115,6 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
 
 def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo: Echo = print) -> pd.DataFrame:
     """One row per readable image: path, top class code, its diagnosis name and probability, all probabilities."""
-    from hamtune.modelfile import load_model
-    from hamtune.train import predict_proba, resolve_device
-
-    device = resolve_device("auto")
-    loaded = load_model(model_path, device=device)
-    paths = find_images(inputs)
-    with tempfile.TemporaryDirectory(prefix="hamtune-predict-") as workdir:
-        images, failures = decode_files(paths, loaded.image_size, Path(workdir))
-        for i, reason in failures:
-            echo(f"skipped {paths[i]}: unreadable image ({reason})")
-        if len(failures) == len(paths):
-            raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
-        meta = unknown_meta(len(images)) if loaded.use_meta else None
-        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
-    bad = {i for i, _ in failures}
-    kept = [p for i, p in enumerate(paths) if i not in bad]
-    top = probs.argmax(axis=1)
-    table = pd.DataFrame({
-        "path": [str(p) for p in kept], "image_id": [p.stem for p in kept],
-        "predicted_dx": [CLASSES[i] for i in top], "diagnosis": [DIAGNOSES[CLASSES[i]] for i in top],
-        "probability": probs[np.arange(len(top)), top],
-    })
-    for i, name in enumerate(CLASSES):
-        table[f"{report.PROB_PREFIX}{name}"] = probs[:, i]
-    return table
-
-
-def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo: Echo = print) -> pd.DataFrame:
-    """One row per readable image: path, top class code, its diagnosis name and probability, all probabilities."""
     device = resolve_device("auto")
     loaded = load_model(model_path, device=device)
     paths = find_images(inputs)
