@@ -96,7 +96,7 @@ def search_run(cluster, tmp_path_factory):
     """
     import ray
 
-    import hamtune.data
+    import hamtune.data.cache
     from hamtune.search import run_search
     from hamtune.space import spec_from_dict
 
@@ -104,7 +104,7 @@ def search_run(cluster, tmp_path_factory):
     cache, hidden = tmp / "cache", tmp / "cache-moved-away"
     storage, results = tmp / "shared-storage", tmp / "results"
     spec = spec_from_dict(tiny_spec(cache), source="tiny-cluster.yaml")
-    real_prepare = hamtune.data.prepare
+    real_prepare = hamtune.data.cache.prepare
     prepared = {}
 
     def prepare_then_hide(*args, **kwargs):
@@ -115,7 +115,7 @@ def search_run(cluster, tmp_path_factory):
         return data
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hamtune.data, "prepare", prepare_then_hide)
+        mp.setattr(hamtune.data.cache, "prepare", prepare_then_hide)
         outcome = run_search(spec, results_dir=results, address=cluster.address, storage_path=str(storage), verbose=0)
     # Which node ran each trial: Tune writes the trainable's pid into every result, and the cluster's GCS actor
     # table (dead actors included) knows each actor's pid and node.
