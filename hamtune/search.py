@@ -1,6 +1,6 @@
-"""The search: a thin Ray Tune adapter over the training core, OptunaSearch + ASHA, resume, results tables.
+"""The search's driver: Ray's environment, OptunaSearch + ASHA, the Tuner, resume, results tables.
 
-This is the only module that talks to Ray Tune. The driver decodes nothing itself: it asks the data layer for the
+This module and hamtune.trainable (the function Ray runs in its workers) are the only ones that talk to Ray Tune. The driver decodes nothing itself: it asks the data layer for the
 cached arrays, puts train and val into the object store once (tune.with_parameters), and every trial reads them
 zero-copy. The test split is never handed to Ray.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,68 +46,11 @@ from hamtune.data.cache import prepare_spec_data  # noqa: E402
 from hamtune.errors import HamtuneError  # noqa: E402
 from hamtune.io import atomic_write_json, atomic_write_table  # noqa: E402
 from hamtune.space import SearchSpec  # noqa: E402
+from hamtune.trainable import train_trial  # noqa: E402
 
 # What Tune adds to every report; the history keeps the metrics, the epoch clock and hamtune's own keys.
 TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOULD_CHECKPOINT}
 log = logging.getLogger("hamtune")
-STATE_FILE = "state.pt"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The trainable: runs inside a Ray worker, one call per trial.
-
-
-def train_trial(config: dict, *, train, val, fixed: dict, cpus: float) -> None:
-    """Fit one config, reporting every epoch with a checkpoint; resumes from Tune's checkpoint after a failure."""
-    import torch
-
-    from hamtune.config import TrainConfig
-    from hamtune.train import fit, load_state
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" every epoch
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    cfg = TrainConfig.from_dict({**fixed, **config, "num_threads": max(1, int(cpus))})
-    torch.set_num_threads(cfg.num_threads)
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(Path(d) / STATE_FILE)
-
-    def on_epoch(metrics: dict, make_state) -> None:
-        with tempfile.TemporaryDirectory(prefix="hamtune-ckpt-") as d:
-            # A scratch folder Tune copies into the experiment and then drops: no atomic write or fsync needed here
-            # (an fsync of the ~60 MB state was a third of a short trial's overhead); Tune registers the copy only
-            # once it is complete.
-            torch.save(make_state(), Path(d) / STATE_FILE)
-            tune.report({**metrics, "trial_status": "ok"}, checkpoint=tune.Checkpoint.from_directory(d))
-        _inject_crash(int(metrics["epoch"]))
-
-    result = fit(cfg, train, val, on_epoch=on_epoch, state=state)
-    if result.status == "non_finite":
-        # End the trial as non-finite; NaN metrics are ignored by ASHA's cutoffs and Optuna records a failure.
-        nan_metrics = {k: math.nan for k in (result.history[-1] if result.history else {}) if k.startswith("val_")}
-        tune.report({**nan_metrics, "val_balanced_accuracy": math.nan, "val_loss": math.nan, "train_loss": math.nan,
-                     "epoch": result.epochs_run + 1, "trial_status": "non_finite", "message": result.message})
-
-
-def _inject_crash(epoch: int) -> None:
-    """Fault injection for the fault-tolerance test, in the spirit of Ray's own RAY_testing_* switches.
-
-    HAMTUNE_INJECT_CRASH=<marker file> makes the first trial that finishes epoch 1 raise once (the marker file
-    records that it happened, across processes); unset in normal use.
-    """
-    marker = os.environ.get("HAMTUNE_INJECT_CRASH")
-    if not marker or epoch != 1:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    raise RuntimeError("injected crash (HAMTUNE_INJECT_CRASH)")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Searcher, scheduler, results callback
 
