@@ -111,7 +111,8 @@ _FIELD_TYPES = {
 def _convert(key: str, value: Any, kind: Any) -> Any:
     """Accept numpy scalars (Ray Tune samples them) and ints for floats; reject bools posing as numbers."""
     def bad(expected: str) -> HamtuneError:
-        return HamtuneError(f"train config: {key}={value!r} ({type(value).__name__}) is invalid; expected {expected}")
+        shown = value.item() if isinstance(value, np.generic) else value  # 0.5, not np.float64(0.5)
+        return HamtuneError(f"train config: {key}={shown!r} ({type(shown).__name__}) is invalid; expected {expected}")
 
     if kind == "int|None":
         return None if value is None else _convert(key, value, int)
