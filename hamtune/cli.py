@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("prepare", "decode and resize every image once into the cache, and split by lesion"),
                         ("info", "print images and lesions per diagnosis and split; --plots draws the first figures")):
         p = data_sub.add_parser(name, help=help_)
-        p.add_argument("--source", default="synthetic", help="a HAM10000 folder (Kaggle layout) or 'synthetic' (default)")
+        p.add_argument("--source", default="synthetic",
+                       help="a HAM10000 folder (Kaggle or ISIC 2018 Task 3 layout), 'isic2018' (the downloaded "
+                            "training set) or 'synthetic' (default)")
+        p.add_argument("--split-by", choices=("lesion", "image"), default="lesion",
+                       help="'image' only for an ISIC 2018 folder without its lesion-groupings file (leaks lesions)")
         p.add_argument("--image-size", type=int, default=32, help="square size in pixels (default 32)")
         p.add_argument("--cache-dir", type=Path, help="cache folder (default $HAMTUNE_CACHE_DIR or ~/.cache/hamtune)")
         p.add_argument("--strict", action="store_true", help="stop at the first missing or unreadable image")
@@ -37,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
         if name == "info":
             p.add_argument("--plots", type=Path, metavar="DIR", help="write exploration figures to DIR")
+    add_download_parser(data_sub)
 
     # search ----------------------------------------------------------------------------------------------------
     search = sub.add_parser("search", help="run (or resume) a hyperparameter search")
     search.add_argument("--space", type=Path, help="search spec YAML (e.g. search_spaces/default.yaml)")
+    search.add_argument("--source", help="data.source override: a HAM10000 folder, 'isic2018' or 'synthetic'")
     search.add_argument("--resume", nargs="?", const="", metavar="NAME",
                         help="continue an interrupted experiment (default: the latest)")
     search.add_argument("--name", help="experiment name (default: the spec's 'experiment')")
@@ -77,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on an external labelled image set")
     evaluate.add_argument("--model", type=Path, required=True, help="model.pt written by `hamtune best --retrain`")
-    evaluate.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    evaluate.add_argument("--labels", type=Path, required=True,
+    evaluate.add_argument("--images", type=Path, help="folder of images (searched recursively)")
+    evaluate.add_argument("--isic2018-test", action="store_true",
+                          help="the official ISIC 2018 Task 3 test set from `hamtune data download isic2018-test` "
+                               "(instead of --images and --labels)")
+    evaluate.add_argument("--labels", type=Path,
                           help="HAM10000 metadata CSV (image_id, dx) or ISIC 2018 Task 3 ground truth (image, MEL, NV, ...)")
     evaluate.add_argument("--out", type=Path, help="report folder (default: <model folder>/eval-<images folder name>)")
     evaluate.add_argument("--tta", action="store_true")
@@ -114,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_data(args) -> int:
     from hamtune.data import SplitSpec, prepare
 
+    if args.data_command == "download":
+        return cmd_data_download(args)
     prepared = prepare(args.source, args.image_size, cache_dir=args.cache_dir, strict=args.strict,
                        split=SplitSpec(val=args.val, test=args.test, seed=args.split_seed), workers=args.workers,
-                       synthetic_size=args.synthetic_size, synthetic_seed=args.synthetic_seed)
+                       synthetic_size=args.synthetic_size, synthetic_seed=args.synthetic_seed, split_by=args.split_by)
     n = len(prepared.table)
     verb = "decoded" if prepared.decoded else "reused"
     print(f"{verb} {n} images at {prepared.image_size}px -> {prepared.path}"
@@ -137,7 +148,8 @@ def cmd_search(args) -> int:
     from hamtune import results as res
     from hamtune.space import load_spec, spec_from_dict
 
-    overrides = {"experiment": args.name, "search.num_samples": args.num_samples, "train.epochs": args.max_epochs,
+    overrides = {"experiment": args.name, "data.source": args.source,
+                 "search.num_samples": args.num_samples, "train.epochs": args.max_epochs,
                  "search.max_concurrent": args.max_concurrent, "resources.cpu": args.cpus_per_trial,
                  "resources.gpu": args.gpus_per_trial, "search.seed": args.seed}
     if args.smoke_test:
@@ -222,6 +234,14 @@ def cmd_best(args) -> int:
 def cmd_evaluate(args) -> int:
     from hamtune.inference import evaluate_external
 
+    if args.isic2018_test:
+        if args.images or args.labels:
+            raise HamtuneError("--isic2018-test names the images and labels itself; drop --images and --labels")
+        from hamtune.data.isic2018 import official_test_set
+
+        args.images, args.labels = official_test_set()
+    elif not (args.images and args.labels):
+        raise HamtuneError("evaluate needs --images DIR and --labels CSV, or --isic2018-test")
     evaluate_external(args.model, args.images, args.labels, out_dir=args.out, tta=args.tta, echo=_echo)
     return 0
 
@@ -250,6 +270,38 @@ def cmd_predict(args) -> int:
 
 def _echo(line: str) -> None:
     print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `hamtune data download` (issue 12): the ISIC 2018 Task 3 data; the work is in hamtune/data/download.py
+
+
+def add_download_parser(data_sub) -> None:
+    from hamtune.data.download import DATASETS, DEFAULT_RETRIES
+
+    p = data_sub.add_parser("download", help="download, check and unpack the ISIC 2018 Task 3 data (HAM10000)")
+    p.add_argument("dataset", choices=(*DATASETS, "all"),
+                   help="isic2018-train (10,015 HAM10000 images with lesion ids), isic2018-val (193), "
+                        "isic2018-test (1,512, the official test set), or all three")
+    p.add_argument("--dest", type=Path, help="data folder (default $HAMTUNE_DATA_DIR or ~/.cache/hamtune/data)")
+    p.add_argument("--base-url", help="folder URL that holds the files, for a mirror (default $HAMTUNE_DATA_URL "
+                                      "or https://isic-challenge-data.s3.amazonaws.com/2018/)")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"attempts after a failed one, per file (default {DEFAULT_RETRIES})")
+
+
+def cmd_data_download(args) -> int:
+    from hamtune.data.download import DATASETS, LICENCE, download
+
+    names = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    for name in names:
+        download(name, args.dest, args.base_url, retries=args.retries, echo=_echo)
+    print()
+    print(LICENCE)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _version() -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 from hamtune import report
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES, encode_meta
 from hamtune.data.images import decode_files, find_images
+from hamtune.data.isic2018 import official_weights, write_submission
 from hamtune.data.labels import read_labels, unknown_meta
 from hamtune.errors import HamtuneError
 from hamtune.io import write_csv
@@ -78,11 +79,19 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         meta = encode_meta(rows) if loaded.use_meta else None
         probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
 
+    submission = write_submission(out_dir / "submission.csv", rows["image_id"], probs)
+    scored = official_weights(rows["image_id"], form) > 0  # the official scorer's zero-weight rule (ISIC truth)
+    zero_weight = rows.loc[~scored, "image_id"].tolist()
+    if zero_weight:
+        echo(f"{', '.join(zero_weight)}: zero weight, as in the official ISIC scorer; left out of the metrics "
+             "(kept in submission.csv)")
+    all_rows, rows, probs = rows, rows[scored].reset_index(drop=True), probs[scored]
     has_lesions = rows["lesion_id"].notna().all()
     y_true = rows["label"].to_numpy()
     metrics = {
         "model": str(model_path), "images": str(images_dir), "labels": str(labels_path), "label_format": form,
-        "n_test": len(rows), "tta": tta, **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None),
+        "n_test": len(rows), "zero_weight_images": zero_weight, "tta": tta,
+        **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None),
         "unlabelled_images": len(unlabelled), "missing_images": len(missing), "unreadable_images": len(unreadable),
         "duplicate_files_ignored": duplicates, "image_size": loaded.image_size,
         "metadata": ("from the labels file" if form.startswith("HAM") else "unknown (all 'unknown')") if loaded.use_meta
@@ -90,7 +99,7 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
     }
     predictions = report.predictions_table(rows["image_id"], rows["lesion_id"] if has_lesions else None, y_true, probs)
     table = classification_report_table(y_true, probs)
-    written = report.write_evaluation(out_dir, predictions, metrics, table) + listed
+    written = report.write_evaluation(out_dir, predictions, metrics, table) + listed + [submission]
     intro = [
         f"Model `{model_path}` ({loaded.info.get('model')}, {loaded.image_size}px, trained on data "
         f"`{loaded.fingerprint}`) on {len(rows)} labelled images from `{images_dir}` (labels: `{labels_path}`, {form} form).",
@@ -99,7 +108,12 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         "unreadable image(s): listed in `unlabelled_images.csv`, `missing_images.csv`, `unreadable_images.csv`.",
         f"- images decoded as for training: short side to {loaded.image_size}px, centre square "
         "(hamtune.data.cache.decode_image)" + ("; test-time augmentation: flips averaged." if tta else "."),
+        f"- `submission.csv`: the probabilities of all {len(all_rows)} images in the ISIC 2018 Task 3 submission "
+        "format, scored by the challenge's own `isic-challenge-scoring classification TRUTH submission.csv`.",
     ]
+    if zero_weight:
+        intro.append(f"- {', '.join(zero_weight)}: zero weight, as the official scorer gives it on the ISIC 2018 "
+                     "Task 3 test set, so it is left out of every metric here (it stays in `submission.csv`).")
     written.append(report.write_report_md(
         out_dir / "report.md", title=f"Evaluation on {Path(images_dir).name}", intro=intro, metrics=metrics,
         classification_report=table, pictures=[("Confusion matrix", "confusion_matrix.png")],

@@ -218,6 +218,14 @@ def check_cluster(address: str | None, storage_path: str | None, trial_resources
             "(or gs://..., or an NFS folder mounted at the same path on every node)")
 
 
+def uses_meta(spec: SearchSpec) -> bool:
+    """Whether any trial can have use_meta on (fixed in train, or among the searched values)."""
+    searched = spec.space.get("use_meta", spec.train.get("use_meta", False))
+    if isinstance(searched, dict):
+        return any(bool(v) for values in searched.values() for v in (values if isinstance(values, list) else [values]))
+    return bool(searched)
+
+
 def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
                storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
                verbose: int = 1, reuse_actors: bool = True) -> SearchOutcome:
@@ -231,7 +239,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     elif record_path.is_file():
         raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
                            f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
-    data = prepare_spec_data(spec.data)
+    data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
 
     init_ray(address, num_cpus)

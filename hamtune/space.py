@@ -24,7 +24,7 @@ METRICS_MIN = ("val_loss",)
 
 @dataclass
 class DataSettings:
-    source: str = "synthetic"  # "synthetic" or a HAM10000 folder
+    source: str = "synthetic"  # "synthetic", "isic2018" (the downloaded training set) or a HAM10000 folder
     image_size: int = 32
     val: float = 0.15
     test: float = 0.15
@@ -33,6 +33,7 @@ class DataSettings:
     synthetic_seed: int = 0
     cache_dir: str | None = None
     strict: bool = False
+    split_by: str = "lesion"  # "image": only for an ISIC 2018 folder without lesion ids, asked for by name
 
 
 @dataclass
@@ -182,7 +183,8 @@ def _validate(spec: SearchSpec, source: str) -> None:
     _check(isinstance(d.image_size, int) and 8 <= d.image_size <= 1024, source, "data.image_size", d.image_size, "an integer in [8, 1024]")
     _check(0 < d.val < 1 and 0 < d.test < 1 and d.val + d.test < 1, source, "data.val/data.test", (d.val, d.test), "fractions in (0, 1) with val + test < 1")
     _check(isinstance(d.synthetic_size, int) and d.synthetic_size >= 100, source, "data.synthetic_size", d.synthetic_size, "an integer >= 100")
-    if d.source != "synthetic":
+    _check(d.split_by in ("lesion", "image"), source, "data.split_by", d.split_by, "'lesion' or 'image'")
+    if d.source not in ("synthetic", "isic2018"):
         d.source = str(Path(d.source).expanduser().resolve())  # relative paths are relative to where hamtune runs
     _check(isinstance(s.num_samples, int) and s.num_samples >= 1, source, "search.num_samples", s.num_samples, "an integer >= 1")
     _check(isinstance(s.max_concurrent, int) and s.max_concurrent >= 1, source, "search.max_concurrent", s.max_concurrent, "an integer >= 1")

@@ -90,6 +90,8 @@ def fingerprint(files: SourceFiles, image_size: int) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"preprocess_version": PREPROCESS_VERSION, "image_size": image_size}).encode())
     digest.update(files.metadata.read_bytes())
+    if files.lesions is not None:  # ISIC 2018 layout: lesion ids come from a second file
+        digest.update(b"\0lesions\0" + files.lesions.read_bytes())
     for rel, size, mtime_ns in files.listing:
         digest.update(f"\0{rel}\0{size}\0{mtime_ns}".encode())
     return digest.hexdigest()[:20]
@@ -182,6 +184,7 @@ def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame
             "problems": {kind: int(n) for kind, n in problems["kind"].value_counts().items()},
             "source": str(files.root),
             "metadata_file": files.metadata.name,
+            "layout": files.layout,
             "decode_seconds": round(seconds, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"numpy": np.__version__, "pillow": PIL.__version__, "pandas": pd.__version__},
@@ -239,8 +242,13 @@ def _check_image_size(image_size: int) -> int:
 
 def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = None, split: SplitSpec = SplitSpec(),
             strict: bool = False, workers: int | None = None, progress: bool = True,
-            synthetic_size: int = 3000, synthetic_seed: int = 0) -> PreparedData:
+            synthetic_size: int = 3000, synthetic_seed: int = 0, split_by: str = "lesion",
+            needs_meta: bool = False) -> PreparedData:
     """Read, validate, decode (once) and split a HAM10000 folder, or the synthetic stand-in for source="synthetic".
+
+    source "isic2018" is the training set that `hamtune data download isic2018-train` put in the default folder.
+    split_by "image" is for an ISIC 2018 folder without lesion ids only; needs_meta refuses a layout without
+    age/sex/site before anything is decoded.
 
     Rows and files that do not pair up, and files that do not decode, are skipped, warned about in one line and
     listed in problems.csv in the cache entry; with strict=True they are a HamtuneError instead.
@@ -258,9 +266,17 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
 
     if str(source) == "synthetic":
         root = synthetic_source(cache_dir, synthetic_size, synthetic_seed, workers, progress)
+    elif str(source) == "isic2018":
+        from hamtune.data.download import downloaded_folder
+
+        root = downloaded_folder("isic2018-train")
     else:
         root = Path(source)
-    files = scan_source(root)
+    files = scan_source(root, split_by)
+    if needs_meta:
+        from hamtune.data.isic2018 import check_meta_available
+
+        check_meta_available(files.root, files.layout)
     key = fingerprint(files, image_size)
     entry = cache_dir / key
 
@@ -295,12 +311,15 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
                         decoded=decoded, problems=problems)
 
 
-def prepare_spec_data(settings, *, cache_dir: Path | None = None, progress: bool = True) -> PreparedData:
+def prepare_spec_data(settings, *, cache_dir: Path | None = None, progress: bool = True,
+                      needs_meta: bool = False) -> PreparedData:
     """prepare() with a search spec's data section (hamtune.space.DataSettings): the one mapping of settings onto it.
 
     cache_dir, when given, is used where the settings name none (a recorded experiment remembers its cache).
+    needs_meta: some trial uses age/sex/site (refused, before decoding, for data without them).
     """
     cache = Path(settings.cache_dir) if settings.cache_dir else cache_dir
     return prepare(settings.source, settings.image_size, cache_dir=cache, strict=settings.strict, progress=progress,
                    split=SplitSpec(val=settings.val, test=settings.test, seed=settings.split_seed),
-                   synthetic_size=settings.synthetic_size, synthetic_seed=settings.synthetic_seed)
+                   synthetic_size=settings.synthetic_size, synthetic_seed=settings.synthetic_seed,
+                   split_by=settings.split_by, needs_meta=needs_meta)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -61,14 +62,22 @@ class SourceFiles:
     metadata: Path
     images: dict[str, Path]  # image_id -> file; one file per id
     listing: tuple[tuple[str, int, int], ...]  # (relative name, size, mtime_ns) of every image file, sorted
+    layout: str = "kaggle"  # "kaggle" (HAM10000_metadata.csv) or "isic2018" (metadata is the ground-truth CSV)
+    lesions: Path | None = None  # isic2018: the lesion-groupings CSV (None: split_by image, asked for by name)
 
 
-def scan_source(root: str | Path) -> SourceFiles:
+def scan_source(root: str | Path, split_by: str = "lesion") -> SourceFiles:
     """Find the metadata file in `root` and the image files anywhere below it.
 
     Kaggle ships the same images twice (HAM10000_images_part_1/ and ham10000_images_part_1/): files that share a stem
     and a size are one image, the first in sorted order is used. Same stem with different sizes is ambiguous and fatal.
+    Without HAM10000_metadata.csv, the ISIC 2018 Task 3 layout is looked for (hamtune.data.isic2018). split_by
+    "image" is accepted only for an ISIC 2018 folder without lesion ids, where the user asked for it by name.
     """
+    from hamtune.data import isic2018
+
+    if split_by not in isic2018.SPLIT_BY:
+        raise HamtuneError(f"split_by {split_by!r} is invalid; expected one of {', '.join(isic2018.SPLIT_BY)}")
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise HamtuneError(f"{root}: data folder does not exist; {_LAYOUT_HINT}")
@@ -80,12 +89,22 @@ def scan_source(root: str | Path) -> SourceFiles:
         what = "is empty" if not anything else "holds no .jpg/.jpeg/.png image files (searched all subfolders)"
         raise HamtuneError(f"{root}: data folder {what}; {_LAYOUT_HINT}")
 
-    metadata = root / METADATA_FILE
+    metadata, layout, lesions = root / METADATA_FILE, "kaggle", None
     if not metadata.is_file():
         matches = sorted(p for p in root.iterdir() if p.name.lower() == METADATA_FILE.lower() and p.is_file())
-        if not matches:
-            raise HamtuneError(f"{root}: no metadata file {METADATA_FILE} in this folder; {_LAYOUT_HINT}")
-        metadata = matches[0]
+        if matches:
+            metadata = matches[0]
+        else:
+            truth, lesions = isic2018.find_label_files(root)
+            if truth is None:
+                raise HamtuneError(f"{root}: no metadata file {METADATA_FILE} in this folder; {_LAYOUT_HINT}, "
+                                   f"{isic2018.LAYOUT_HINT}")
+            metadata, layout = truth, "isic2018"
+    if layout == "isic2018":
+        isic2018.check_split_by(root, lesions, split_by)
+    elif split_by != "lesion":
+        raise HamtuneError(f"{root}: split_by {split_by!r} is only for an ISIC 2018 folder without lesion ids; "
+                           f"{metadata.name} has them, so drop split_by and let the split group images by lesion")
 
     found.sort(key=lambda item: item[0])
     images: dict[str, Path] = {}
@@ -103,21 +122,23 @@ def scan_source(root: str | Path) -> SourceFiles:
         images[image_id] = Path(path)
         sizes[image_id] = (rel, st.st_size)
     listing = tuple((rel, st.st_size, st.st_mtime_ns) for rel, _, st in found)
-    return SourceFiles(root=root, metadata=metadata, images=images, listing=listing)
+    return SourceFiles(root=root, metadata=metadata, images=images, listing=listing, layout=layout, lesions=lesions)
 
 
-def read_csv_strings(path: Path, expected: str) -> pd.DataFrame:
+def read_csv_strings(path: Path | IO[bytes], expected: str, where: str | None = None) -> pd.DataFrame:
     """A CSV as stripped strings (BOM tolerated, nothing parsed as NaN); unreadable -> one line ending in `expected`.
 
-    The one reader of HAM10000 metadata and label files, so both refuse a bad file in the same words.
+    The one reader of HAM10000 metadata and label files, so both refuse a bad file in the same words. `path` may be
+    an open binary stream (a zip member), which `where` then names in messages.
     """
+    where = where or path
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise HamtuneError(f"{path}: file is empty; {expected}") from None
+        raise HamtuneError(f"{where}: file is empty; {expected}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HamtuneError(f"{path}: cannot be read as CSV ({first}); {expected}") from None
+        raise HamtuneError(f"{where}: cannot be read as CSV ({first}); {expected}") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     return raw
 
@@ -137,6 +158,10 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
     Returns (table, problems): table has TABLE_COLUMNS plus `path`, sorted by image_id, one row per image that has
     both a metadata row and a file; problems lists rows without a file and files without a row.
     """
+    if files.layout == "isic2018":
+        from hamtune.data.isic2018 import read_table
+
+        return read_table(files)
     path = files.metadata
     raw = read_csv_strings(path, f"expected a comma-separated HAM10000 metadata file with header {','.join(METADATA_COLUMNS)}")
     missing = [c for c in METADATA_COLUMNS if c not in raw.columns]

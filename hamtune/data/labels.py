@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, check_dx, encode_meta, read_csv_strings
+from hamtune.data.isic2018 import read_ground_truth
 from hamtune.errors import HamtuneError
 
 
@@ -36,17 +37,7 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
             table[column] = raw[column] if column in raw.columns else ("" if column != "age" else np.nan)
     elif "image" in raw.columns and set(ISIC_COLUMNS) <= set(raw.columns):
         form = "ISIC 2018 Task 3 ground truth"
-        try:
-            onehot = raw[list(ISIC_COLUMNS)].apply(lambda c: c.str.strip().astype(float)).to_numpy()
-        except ValueError as exc:
-            raise HamtuneError(f"{path}: class columns {', '.join(ISIC_COLUMNS)} must hold numbers 0/1 ({exc})") from None
-        valid = np.isin(onehot, (0.0, 1.0)).all(axis=1) & (onehot.sum(axis=1) == 1)
-        if not valid.all():
-            i = int(np.argmin(valid))
-            raise HamtuneError(f"{path}: line {line[i]}: expected exactly one 1.0 among {', '.join(ISIC_COLUMNS)}, "
-                               f"got {onehot[i].tolist()}")
-        codes = [c.lower() for c in ISIC_COLUMNS]
-        table = pd.DataFrame({"image_id": raw["image"].str.strip(), "dx": [codes[j] for j in onehot.argmax(axis=1)]})
+        table = read_ground_truth(path)  # the one reader of this form, shared with the ISIC 2018 data source
         table["lesion_id"] = None
         table["age"], table["sex"], table["localization"] = np.nan, "", ""
     else:
