@@ -50,10 +50,12 @@ def _zip(members: dict[str, bytes], *, stored: bool) -> bytes:
 
 
 def ground_truth_csv(image_ids, dx) -> bytes:
+    """One-hot rows sorted by image, as in the official files (the official scorer relies on that order: it sorts
+    truth and predictions by image but not its weights, so an unsorted truth file gets its zero weight misplaced)."""
     rows = pd.DataFrame({"image": list(image_ids)})
     for column in ISIC_COLUMNS:
         rows[column] = [1.0 if d == column.lower() else 0.0 for d in dx]
-    return rows.to_csv(index=False).encode()
+    return rows.sort_values("image").to_csv(index=False).encode()
 
 
 def isic_files(sample_dir: Path, *, drop_images: int = 0, renames: dict[str, str] | None = None) -> dict[str, bytes]:

@@ -163,17 +163,17 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
                 outcome.downloaded_bytes += received
                 outcome.downloaded_files.append(remote.name)
             try:
-                verify(part, remote, expected)
+                verify(part, remote, expected, where=base_url + remote.name if part != target else str(target))
                 digest = sha256(part)
                 recorded = manifest.get(remote.name)
                 if recorded and recorded["sha256"] != digest:
                     raise HamtuneError(
                         f"{base_url + remote.name}: SHA-256 {digest} differs from {recorded['sha256']} recorded at "
                         f"its first download ({recorded.get('first_downloaded', '?')}); the server's file changed")
-            except HamtuneError:
+            except HamtuneError as exc:
                 _discard(part)
                 _discard(_sidecar(part))
-                raise
+                raise HamtuneError(f"{exc}; the file was deleted, so the next run fetches it afresh") from None
             os.replace(part, target)
             _discard(_sidecar(part))
             manifest[remote.name] = {"sha256": digest, "size": target.stat().st_size, "url": base_url + remote.name,
@@ -295,11 +295,14 @@ def _range_total(content_range: str | None) -> int | None:
 # Checking a downloaded file
 
 
-def verify(path: Path, remote: RemoteFile, expected: int) -> None:
-    """Refuse, with one line, a file whose CRCs, image count, CSV header or row count are not what the set holds."""
+def verify(path: Path, remote: RemoteFile, expected: int, where: str | None = None) -> None:
+    """Refuse, with one line, a file whose CRCs, image count, CSV header or row count are not what the set holds.
+
+    where: how messages name the file (its URL when just downloaded); default its path.
+    """
     from hamtune.data import isic2018
 
-    shown = f"{remote.name} ({path})"
+    shown = where or str(path)
     if remote.kind == "lesions":
         rows = len(isic2018.read_lesion_groupings(path))
         if rows != expected:
@@ -314,8 +317,7 @@ def verify(path: Path, remote: RemoteFile, expected: int) -> None:
                     raise HamtuneError(f"{shown}: member {name!r} would be written outside the folder; refused")
             bad = archive.testzip()
             if bad is not None:
-                raise HamtuneError(f"{shown}: member {bad} fails its CRC check (a corrupted download); it was "
-                                   "deleted, run the command again to fetch it afresh")
+                raise HamtuneError(f"{shown}: member {bad} fails its CRC check (a corrupted download)")
             if remote.kind == "images":
                 images = [n for n in names if _is_image_member(n)]
                 if len(images) != expected:
@@ -330,8 +332,7 @@ def verify(path: Path, remote: RemoteFile, expected: int) -> None:
                 if rows != expected:
                     raise HamtuneError(f"{shown}: {truths[0]} has {rows} rows; expected {expected}")
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-        raise HamtuneError(f"{shown}: not a readable zip archive ({err}); it was deleted, run the command again "
-                           "to fetch it afresh") from None
+        raise HamtuneError(f"{shown}: not a readable zip archive ({err})") from None
 
 
 def _is_image_member(name: str) -> bool:
