@@ -180,3 +180,12 @@ def test_source_isic2018_is_the_downloaded_training_set(files, tmp_path, monkeyp
     assert np.array_equal(by_name.images, by_path.images)
     spec = load_spec(ROOT / "search_spaces/default.yaml", {"data.source": "isic2018"})
     assert spec.data.source == "isic2018"  # kept as the shortcut, not resolved against the working folder
+
+
+def test_data_info_plots_leave_out_the_metadata_figures_this_layout_cannot_have(train_dir, tmp_path, capsys):
+    code = main(["data", "info", "--source", str(train_dir), "--image-size", "16", "--cache-dir",
+                 str(tmp_path / "cache"), "--plots", str(tmp_path / "plots"), "--workers", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["class_counts.png"]
+    assert "vasc" in out and "test_lesions" in out

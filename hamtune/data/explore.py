@@ -60,7 +60,9 @@ def _stacked_bars(ax, counts: pd.DataFrame, colours=None, horizontal: bool = Fal
 
 
 def write_exploration_plots(prepared, out_dir: str | Path) -> list[Path]:
-    """Write class_counts.png, age_by_dx.png, sex_by_dx.png, site_by_dx.png into out_dir; return their paths."""
+    """Write class_counts.png, age_by_dx.png, sex_by_dx.png, site_by_dx.png into out_dir; return their paths.
+
+    The metadata figures are left out where the data has no such metadata (the ISIC 2018 Task 3 layout)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = prepared.table
@@ -78,17 +80,20 @@ def write_exploration_plots(prepared, out_dir: str | Path) -> list[Path]:
     ax.legend(title="split", loc="upper left")
     written.append(_save(figure, out_dir / "class_counts.png"))
 
-    figure = Figure(figsize=(7, 4))
-    ax = figure.subplots()
     ages = [table.loc[table["dx"] == c, "age"].dropna().to_numpy() for c in CLASSES]
     present = [i for i, a in enumerate(ages) if len(a)]
-    ax.boxplot([ages[i] for i in present], positions=present, widths=0.6)
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set(title="Age by diagnosis", xlabel="diagnosis", ylabel="age (years)")
-    written.append(_save(figure, out_dir / "age_by_dx.png"))
+    if present:  # the ISIC 2018 Task 3 layout has no ages, sexes or sites: no figure of them
+        figure = Figure(figsize=(7, 4))
+        ax = figure.subplots()
+        ax.boxplot([ages[i] for i in present], positions=present, widths=0.6)
+        ax.set_xticks(range(len(CLASSES)), CLASSES)
+        ax.set(title="Age by diagnosis", xlabel="diagnosis", ylabel="age (years)")
+        written.append(_save(figure, out_dir / "age_by_dx.png"))
 
     for column, name, title in (("sex", "sex_by_dx.png", "Sex by diagnosis"),
                                 ("localization", "site_by_dx.png", "Body site by diagnosis")):
+        if set(table[column]) <= {"unknown"}:
+            continue
         figure = Figure(figsize=(8 if column == "localization" else 7, 4.5))
         ax = figure.subplots()
         counts = pd.crosstab(dx, table[column], dropna=False).reindex(index=CLASSES, fill_value=0)
