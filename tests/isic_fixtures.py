@@ -20,7 +20,8 @@ import pandas as pd
 ISIC_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 SETS = {"isic2018-train": "Training", "isic2018-val": "Validation", "isic2018-test": "Test"}
 CONFIRM_TYPES = {"histo": "histopathology", "follow_up": "serial imaging showing no change",
-                 "consensus": "single image expert consensus", "confocal": "confocal microscopy with consensus dermoscopy"}
+                 "consensus": "single image expert consensus",
+                 "confocal": "confocal microscopy with consensus dermoscopy"}
 MERGED_PER_CLASS = 2  # the first images of each class share one lesion id, so that lesion grouping matters
 
 

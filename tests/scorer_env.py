@@ -41,8 +41,8 @@ def scorer_python() -> Path:
         base = getattr(sys, "_base_executable", None) or shutil.which("python3") or "python3"
         try:
             subprocess.run([base, "-m", "venv", str(tmp)], check=True, timeout=300)
-            subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                            *REQUIREMENTS], check=True, timeout=BUILD_TIMEOUT_S)
+            subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                            "--disable-pip-version-check", *REQUIREMENTS], check=True, timeout=BUILD_TIMEOUT_S)
             (tmp / ".complete").write_text(json.dumps(expected))
             shutil.rmtree(ENV_DIR, ignore_errors=True)
             os.rename(tmp, ENV_DIR)  # `python -m ...` works from the renamed venv; its console scripts would not

@@ -55,7 +55,8 @@ def one_error_line(err: str) -> str:
 
 def leftovers(dest: Path) -> list[str]:
     """Temporary folders and partial files under dest."""
-    return sorted(p.name for p in dest.rglob("*") if p.name.startswith(".tmp-") or p.name.endswith((".part", ".part.json")))
+    return sorted(p.name for p in dest.rglob("*")
+                  if p.name.startswith(".tmp-") or p.name.endswith((".part", ".part.json")))
 
 
 def test_full_download_then_second_run_downloads_nothing_and_later_runs_check_the_sha(files, tmp_path, capsys):
@@ -149,7 +150,8 @@ def test_corrupted_archive_is_refused_and_nothing_is_extracted(files, tmp_path):
 
 def test_wrong_image_count_is_refused(sample_dir, tmp_path):
     short = isic_files(sample_dir, drop_images=1)
-    with serve(short) as server, pytest.raises(HamtuneError, match=f"/2018/{TRAIN_INPUT}: 139 images; expected 140; the file was deleted"):
+    refused = f"/2018/{TRAIN_INPUT}: 139 images; expected 140; the file was deleted"
+    with serve(short) as server, pytest.raises(HamtuneError, match=refused):
         fetch(server, tmp_path)
     assert not (tmp_path / "isic2018-train").exists() and leftovers(tmp_path) == []
 

@@ -6,7 +6,6 @@ image the official scorer gives zero weight (ISIC_0035068), so the rule is exerc
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

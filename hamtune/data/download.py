@@ -132,7 +132,8 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
     try:
         downloads.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise HamtuneError(f"{dest}: cannot create the data folder ({err.strerror}); expected a writable path") from None
+        raise HamtuneError(
+            f"{dest}: cannot create the data folder ({err.strerror}); expected a writable path") from None
     folder = dest / dataset.name
     outcome = DownloadOutcome(folder=folder)
     with open(dest / ".lock", "w") as lock:  # two downloads into one folder would write the same .part files
@@ -146,46 +147,51 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
                  "archive(s) match the SHA-256 recorded at their first download)")
             return outcome
 
-        session = None
-        for remote in dataset.files:
-            target = downloads / remote.name
-            if target.is_file():
-                if remote.name in manifest:
-                    _check_recorded(target, manifest[remote.name])
-                    continue
-                part = target  # kept but never recorded (manifest lost): check it as if just downloaded
-            else:
-                if session is None:
-                    session = _session()
-                part = downloads / f"{remote.name}.part"
-                received = fetch(base_url + remote.name, part, session=session, retries=retries, progress=progress,
-                                 desc=remote.name)
-                outcome.downloaded_bytes += received
-                outcome.downloaded_files.append(remote.name)
-            try:
-                verify(part, remote, expected, where=base_url + remote.name if part != target else str(target))
-                digest = sha256(part)
-                recorded = manifest.get(remote.name)
-                if recorded and recorded["sha256"] != digest:
-                    raise HamtuneError(
-                        f"{base_url + remote.name}: SHA-256 {digest} differs from {recorded['sha256']} recorded at "
-                        f"its first download ({recorded.get('first_downloaded', '?')}); the server's file changed")
-            except HamtuneError as exc:
-                _discard(part)
-                _discard(_sidecar(part))
-                raise HamtuneError(f"{exc}; the file was deleted, so the next run fetches it afresh") from None
-            os.replace(part, target)
-            _discard(_sidecar(part))
-            manifest[remote.name] = {"sha256": digest, "size": target.stat().st_size, "url": base_url + remote.name,
-                                     "first_downloaded": _now()}
-            _write_json(dest / MANIFEST, {"files": manifest})
-        if session is not None:
-            session.close()
+        with _session() as session:
+            for remote in dataset.files:
+                _fetch_and_check(remote, dest, base_url, manifest, expected, session=session, retries=retries,
+                                 progress=progress, outcome=outcome)
         extract(dataset, downloads, folder, manifest, progress=progress)
         outcome.extracted = True
     echo(f"{dataset.name}: {len(outcome.downloaded_files)} file(s) downloaded "
          f"({outcome.downloaded_bytes / 1e6:,.1f} MB), checked and extracted to {folder}")
     return outcome
+
+
+def _fetch_and_check(remote: RemoteFile, dest: Path, base_url: str, manifest: dict, expected: int, *, session,
+                     retries: int, progress: bool, outcome: DownloadOutcome) -> None:
+    """One file of a set into downloads/: a kept one checked against its recorded SHA-256, a new one fetched,
+    verified, compared with (or recorded as) its first download's SHA-256, and only then renamed into place."""
+    downloads = dest / DOWNLOADS
+    target = downloads / remote.name
+    url = base_url + remote.name
+    recorded = manifest.get(remote.name)
+    if target.is_file() and recorded:
+        _check_recorded(target, recorded)
+        return
+    if target.is_file():
+        part = target  # kept but never recorded (the manifest was lost): check it as if just downloaded
+    else:
+        part = downloads / f"{remote.name}.part"
+        outcome.downloaded_bytes += fetch(url, part, session=session, retries=retries, progress=progress,
+                                          desc=remote.name)
+        outcome.downloaded_files.append(remote.name)
+    try:
+        verify(part, remote, expected, where=url if part != target else str(target))
+        digest = sha256(part)
+        if recorded and recorded["sha256"] != digest:
+            raise HamtuneError(f"{url}: SHA-256 {digest} differs from {recorded['sha256']} recorded at its first "
+                               f"download ({recorded.get('first_downloaded', '?')}); the server's file changed")
+    except HamtuneError as exc:
+        _discard(part)
+        _discard(_sidecar(part))
+        raise HamtuneError(f"{exc}; the file was deleted, so the next run fetches it afresh") from None
+    os.replace(part, target)
+    _discard(_sidecar(part))
+    if not recorded:
+        manifest[remote.name] = {"sha256": digest, "size": target.stat().st_size, "url": url,
+                                 "first_downloaded": _now()}
+        _write_json(dest / MANIFEST, {"files": manifest})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,8 +247,8 @@ def fetch(url: str, part: Path, *, session, retries: int = DEFAULT_RETRIES, prog
                 if code >= 400:
                     raise _Retry(f"HTTP {code} {response.reason}")
                 if code == 206:
-                    start, total = _range_start(response.headers.get("Content-Range")), \
-                        _range_total(response.headers.get("Content-Range"))
+                    content_range = response.headers.get("Content-Range")
+                    start, total = _range_start(content_range), _range_total(content_range)
                     if start != have:
                         _discard(part)
                         raise _Retry(f"the server answered bytes from {start} instead of {have}")
