@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", type=Path, help="write CSV or JSON (by extension) instead of printing")
     predict.add_argument("--tta", action="store_true")
+
+    serve = sub.add_parser("serve", help="a local web page and JSON API for one model (research tool, not diagnostic)")
+    serve.add_argument("--model", type=Path, required=True, help="model.pt written by `hamtune best --retrain`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     return parser
 
 
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         handler = {"data": cmd_data, "search": cmd_search, "results": cmd_results, "best": cmd_best,
-                   "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+                   "evaluate": cmd_evaluate, "predict": cmd_predict,
+                   "serve": cmd_serve}[args.command]
         return handler(args) or 0
     except HamtuneError as exc:
         print(f"hamtune: error: {exc}", file=sys.stderr)
@@ -302,6 +308,13 @@ def cmd_data_download(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from hamtune.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, echo=lambda line: print(line, flush=True))
+    return 0
 
 
 def _version() -> str:
