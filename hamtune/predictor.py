@@ -134,7 +134,7 @@ class Predictor:
         if not 0 <= int(class_index) < len(self.classes):
             raise HamtuneError(f"class index {class_index}: expected 0..{len(self.classes) - 1}")
         image = self._check(np.asarray(image_u8)[None])
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(0, 3, 1, 2).float().div(255.0)
+        x = torch.from_numpy(np.array(image)).to(self.device).permute(0, 3, 1, 2).float().div(255.0)
         meta = self._meta(1)
         extra = (torch.from_numpy(meta).to(self.device),) if meta is not None else None
         with self._lock:

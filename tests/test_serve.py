@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import queue
 import re
 import shutil
 import subprocess
@@ -47,25 +46,28 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
+class Server(str):
+    """The base URL of a running `hamtune serve`, with everything it has printed so far in .output."""
+
+    output: list[str]
+
+
 @pytest.fixture(scope="module")
 def server(model_file):
     """`hamtune serve --model M --port 0` in a subprocess; yields its base URL; stopped at teardown."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "hamtune.cli", "serve", "--model", str(model_file), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    seen, url = [], None
+    output: list[str] = []
+    threading.Thread(target=lambda: [output.append(line) for line in proc.stdout], daemon=True).start()
+    url = None
     try:
         deadline = time.monotonic() + STARTUP_LIMIT_S
         while url is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
-                continue
-            found = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", seen[-1])
-            url = found.group(1) if found else None
-        assert url, f"hamtune serve did not start within {STARTUP_LIMIT_S} s:\n{''.join(seen)}"
+            found = [re.search(r"serving on (http://127\.0\.0\.1:\d+/)", line) for line in list(output)]
+            url = next((f.group(1) for f in found if f), None)
+            time.sleep(0.2)
+        assert url, f"hamtune serve did not start within {STARTUP_LIMIT_S} s:\n{''.join(output)}"
         for _ in range(100):  # the socket listens before uvicorn accepts: wait until it answers
             try:
                 if httpx.get(url + "health", timeout=5).status_code == 200:
@@ -73,8 +75,10 @@ def server(model_file):
             except httpx.TransportError:
                 time.sleep(0.2)
         else:
-            pytest.fail(f"{url}health never answered:\n{''.join(seen)}")
-        yield url
+            pytest.fail(f"{url}health never answered:\n{''.join(output)}")
+        running = Server(url)
+        running.output = output
+        yield running
     finally:
         proc.terminate()
         try:
@@ -162,6 +166,26 @@ def test_bad_uploads_get_a_4xx_with_one_line_and_the_server_keeps_serving(server
 
     good = post(server, lesion_jpeg.name, jpeg)
     assert good.status_code == 200 and len(good.json()["probabilities"]) == 7
+    # Bad uploads are answered, not logged: the server printed its two start lines and nothing else.
+    assert [line.split(" ")[0] for line in server.output] == ["model", "serving"], "".join(server.output)
+
+
+def test_serve_refuses_a_bad_model_file_or_a_taken_port_in_one_line(model_file, tmp_path, capsys):
+    import socket
+
+    broken = tmp_path / "model.pt"
+    broken.write_bytes(model_file.read_bytes()[:1000])
+    assert main(["serve", "--model", str(broken), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a readable hamtune model file" in err and str(broken) in err
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(model_file), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--port {port}: cannot listen there" in err
 
 
 def test_predictor_gradcam_is_a_map_in_unit_range(model_file, lesion_jpeg):
