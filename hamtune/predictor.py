@@ -1,6 +1,6 @@
 """A model file ready to answer for single images: decode as training did, class probabilities, Grad-CAM heatmaps.
 
-`hamtune serve` holds one Predictor for its lifetime. It owns the decoding (hamtune.data.cache.decode_image at the
+`hamtune serve` holds one Predictor for its lifetime. It owns the decoding (hamtune.data.images.decode_image at the
 file's image_size, so an uploaded JPEG becomes exactly the pixels `hamtune predict` would feed the network), the
 probabilities (hamtune.train.predict_proba, as `predict` and `evaluate` compute them) and the Grad-CAM heatmap.
 
@@ -86,7 +86,7 @@ class Predictor:
 
         Raises ImageRejected for what is not a JPEG/PNG (415), over max_pixels (413), or truncated/corrupt (422).
         """
-        from hamtune.data.cache import decode_image
+        from hamtune.data.images import decode_image
 
         if not data:
             raise ImageRejected("empty upload; expected a JPEG or PNG image", 415)
@@ -170,6 +170,6 @@ class Predictor:
         """Metadata the model was trained with, when it was: unknown for an uploaded image."""
         if not self.use_meta:
             return None
-        from hamtune.best import unknown_meta
+        from hamtune.data.labels import unknown_meta
 
         return unknown_meta(n)

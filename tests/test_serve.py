@@ -33,7 +33,8 @@ def model_file(tmp_path_factory) -> Path:
     from hamtune.data.arrays import SplitArrays
     from hamtune.data.ham10000 import META_DIM
     from hamtune.modelfile import save_model
-    from hamtune.train import TrainConfig, fit
+    from hamtune.config import TrainConfig
+    from hamtune.train import fit
 
     rng = np.random.default_rng(0)
     labels = np.arange(64) % len(CLASSES)
