@@ -23,7 +23,7 @@ from hamtune.errors import HamtuneError
 from hamtune.io import write_csv
 from hamtune.metrics import classification_report_table, evaluation_metrics, summary_line
 from hamtune.modelfile import load_model
-from hamtune.train import predict_proba, resolve_device
+from hamtune.train import resolve_device
 
 Echo = Callable[[str], None]
 
@@ -77,7 +77,7 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         if rows.empty:
             raise HamtuneError(f"{images_dir}: none of the labelled images could be decoded (see {listed[2]})")
         meta = encode_meta(rows) if loaded.use_meta else None
-        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
+        probs = loaded.predict_proba(images, meta, device=device, tta=tta)
 
     submission = write_submission(out_dir / "submission.csv", rows["image_id"], probs)
     scored = official_weights(rows["image_id"], form) > 0  # the official scorer's zero-weight rule (ISIC truth)
@@ -94,6 +94,7 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None),
         "unlabelled_images": len(unlabelled), "missing_images": len(missing), "unreadable_images": len(unreadable),
         "duplicate_files_ignored": duplicates, "image_size": loaded.image_size,
+        "members": len(loaded.members), "temperature": loaded.temperature,
         "metadata": ("from the labels file" if form.startswith("HAM") else "unknown (all 'unknown')") if loaded.use_meta
         else "not used by the model",
     }
@@ -107,7 +108,8 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         f"- {len(unlabelled)} image(s) without a label, {len(missing)} label(s) without an image, {len(unreadable)} "
         "unreadable image(s): listed in `unlabelled_images.csv`, `missing_images.csv`, `unreadable_images.csv`.",
         f"- images decoded as for training: short side to {loaded.image_size}px, centre square "
-        "(hamtune.data.cache.decode_image)" + ("; test-time augmentation: flips averaged." if tta else "."),
+        "(hamtune.data.images.decode_image)" + ("; test-time augmentation: flips averaged." if tta else "."),
+        f"- {_describe_model(loaded)}",
         f"- `submission.csv`: the probabilities of all {len(all_rows)} images in the ISIC 2018 Task 3 submission "
         "format, scored by the challenge's own `isic-challenge-scoring classification TRUTH submission.csv`.",
     ]
@@ -121,6 +123,15 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
     echo(f"evaluated {len(rows)} images: {summary_line(metrics)}")
     echo(f"report: {out_dir / 'report.md'}")
     return EvaluationOutcome(out_dir=out_dir, metrics=metrics, files=written)
+
+
+def _describe_model(loaded) -> str:
+    """One line on what produced the probabilities: members averaged, temperature applied."""
+    members = (f"{len(loaded.members)} networks ({loaded.info.get('model')}), probabilities averaged"
+               if len(loaded.members) > 1 else "one network")
+    scaling = (f"temperature scaling T = {loaded.temperature:.3f} applied (fitted on data held back from training)"
+               if loaded.temperature != 1.0 else "no temperature scaling")
+    return f"model: {members}; {scaling}."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +150,7 @@ def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo
         if len(failures) == len(paths):
             raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
         meta = unknown_meta(len(images)) if loaded.use_meta else None
-        probs = predict_proba(loaded.model, images, meta, device=device, tta=tta)
+        probs = loaded.predict_proba(images, meta, device=device, tta=tta)
     bad = {i for i, _ in failures}
     kept = [p for i, p in enumerate(paths) if i not in bad]
     top = probs.argmax(axis=1)

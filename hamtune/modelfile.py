@@ -6,6 +6,11 @@ class order from the file alone. So the file holds the state dict and, as plain 
 name, head settings, class names and order, image size, normalisation mean/std, metadata usage, the full TrainConfig
 and the data fingerprint. Only tensors and primitives go in, so `torch.load(weights_only=True)` reads it: loading a
 model file never runs code from it.
+
+Format version 2 holds an ensemble: `members`, a list of one or more networks, each with its own state dict, timm
+model name, head settings and full TrainConfig, whose class probabilities are averaged; and `temperature`, the
+temperature scaling fitted after training (hamtune.calibration; 1.0 = none), applied to the averaged probabilities.
+Version 1 files (one network, its entries at the top level) still load, as a one-member ensemble at temperature 1.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,47 +30,96 @@ from hamtune.errors import HamtuneError
 from hamtune.io import atomic_write_bytes, json_ready
 
 MODEL_FORMAT = "hamtune-model"
-MODEL_FORMAT_VERSION = 1
-_REQUIRED_KEYS = ("format", "format_version", "state_dict", "model", "classes", "image_size", "config", "use_meta")
+MODEL_FORMAT_VERSION = 2
+_REQUIRED_KEYS = {1: ("format", "format_version", "state_dict", "model", "classes", "image_size", "config", "use_meta"),
+                  2: ("format", "format_version", "members", "temperature", "classes", "image_size")}
+_MEMBER_KEYS = ("state_dict", "model", "config", "use_meta")
 
 
 @dataclass
 class LoadedModel:
-    """A rebuilt network in eval mode and the facts from its file that callers need to feed it and read it."""
+    """Rebuilt networks in eval mode and the facts from their file that callers need to feed them and read them."""
 
     path: Path
-    model: nn.Module
+    members: list[nn.Module]
+    member_configs: list[dict[str, Any]]
     classes: list[str]
     image_size: int
-    use_meta: bool
-    config: dict[str, Any]
+    temperature: float
     fingerprint: str | None
     info: dict[str, Any] = field(default_factory=dict)  # every non-tensor entry of the file, for reports
 
+    @property
+    def use_meta(self) -> bool:
+        """Whether any member takes metadata features (the others are simply not given them)."""
+        return any(getattr(m, "meta_dim", 0) > 0 for m in self.members)
 
-def model_record(model: nn.Module, *, config: dict[str, Any], image_size: int, fingerprint: str | None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dict saved as model.pt: CPU tensors and primitives only (what weights_only=True accepts)."""
+    @property
+    def model(self) -> nn.Module:
+        """The network of a single-model file (an ensemble has several: use predict_proba)."""
+        if len(self.members) != 1:
+            raise HamtuneError(f"{self.path}: an ensemble of {len(self.members)} networks has no single model")
+        return self.members[0]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.member_configs[0]
+
+    def member_proba(self, images, meta=None, *, device: str | torch.device = "cpu", tta: bool = False) -> list:
+        """Each member's (N, C) probabilities, uncalibrated."""
+        from hamtune.train import predict_proba
+
+        return [predict_proba(m, images, meta if getattr(m, "meta_dim", 0) > 0 else None, device=device, tta=tta)
+                for m in self.members]
+
+    def predict_proba(self, images, meta=None, *, device: str | torch.device = "cpu", tta: bool = False):
+        """(N, C) probabilities: the members' average, temperature-scaled with the file's temperature."""
+        from hamtune.calibration import apply_temperature
+
+        mean = np.mean(self.member_proba(images, meta, device=device, tta=tta), axis=0)
+        return apply_temperature(mean, self.temperature) if self.temperature != 1.0 else mean
+
+
+def member_record(model: nn.Module, *, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One network of a model file: CPU tensors and primitives only (what weights_only=True accepts)."""
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     mean = [float(v) for v in state["mean"].flatten()] if "mean" in state else None
     std = [float(v) for v in state["std"].flatten()] if "std" in state else None
     return {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
         "state_dict": state,
         "model": str(config["model"]),
         "head_hidden": int(config.get("head_hidden", 0)),
         "head_dropout": float(config.get("head_dropout", 0.0)),
         "use_meta": bool(config.get("use_meta", False)),
         "meta_dim": META_DIM if config.get("use_meta") else 0,
-        "classes": list(CLASSES),
-        "diagnoses": [DIAGNOSES[c] for c in CLASSES],
-        "image_size": int(image_size),
-        "input": "uint8 RGB, short side resized to image_size and centre-cropped (hamtune.data.cache.decode_image), "
-                 "scaled to [0, 1]; the network normalises with mean/std itself",
         "mean": mean,
         "std": std,
         "config": json_ready(config),
+        **json_ready(extra or {}),
+    }
+
+
+def ensemble_record(members: list[dict[str, Any]], *, image_size: int, fingerprint: str | None,
+                    temperature: float = 1.0, calibration: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict saved as model.pt (format version 2) from member_record()s."""
+    if not members:
+        raise ValueError("a model file needs at least one member")
+    names = [m["model"] for m in members]
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "members": members,
+        "temperature": float(temperature),
+        "calibration": json_ready(calibration),
+        "model": names[0] if len(names) == 1 else f"ensemble of {len(names)}: {', '.join(names)}",
+        "use_meta": any(m["use_meta"] for m in members),
+        "classes": list(CLASSES),
+        "diagnoses": [DIAGNOSES[c] for c in CLASSES],
+        "image_size": int(image_size),
+        "input": "uint8 RGB, short side resized to image_size and centre-cropped (hamtune.data.images.decode_image), "
+                 "scaled to [0, 1]; each network normalises with its mean/std itself; probabilities are averaged "
+                 "over members, then p -> softmax(log(p) / temperature)",
         "data_fingerprint": fingerprint,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "timm": _timm_version()},
@@ -72,19 +127,33 @@ def model_record(model: nn.Module, *, config: dict[str, Any], image_size: int, f
     }
 
 
-def save_model(path: Path, model: nn.Module, *, config: dict[str, Any], image_size: int, fingerprint: str | None,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write model.pt atomically (temp file + rename), so a reader never sees half a model."""
+def model_record(model: nn.Module, *, config: dict[str, Any], image_size: int, fingerprint: str | None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A one-network model file's dict."""
+    return ensemble_record([member_record(model, config=config)], image_size=image_size, fingerprint=fingerprint,
+                           extra=extra)
+
+
+def save_record(path: Path, record: dict[str, Any]) -> Path:
+    """Write a model file's dict atomically (temp file + rename), so a reader never sees half a model."""
     buf = io.BytesIO()
-    torch.save(model_record(model, config=config, image_size=image_size, fingerprint=fingerprint, extra=extra), buf)
+    torch.save(record, buf)
     buf.seek(0)
     torch.load(buf, map_location="cpu", weights_only=True)  # refuse to write a file that readers could not load safely
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
 
 
+def save_model(path: Path, model: nn.Module, *, config: dict[str, Any], image_size: int, fingerprint: str | None,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write a one-network model.pt atomically."""
+    return save_record(path, model_record(model, config=config, image_size=image_size, fingerprint=fingerprint,
+                                          extra=extra))
+
+
 def read_model_record(path: Path) -> dict[str, Any]:
-    """The raw dict of a model file, checked to be a hamtune model with this product's class order."""
+    """The raw dict of a model file (version 1 lifted to version 2's shape), checked to be a hamtune model with this
+    product's class order."""
     path = Path(path)
     if not path.is_file():
         raise HamtuneError(f"{path}: model file not found (expected model.pt written by `hamtune best --retrain`)")
@@ -95,12 +164,28 @@ def read_model_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
         raise HamtuneError(f"{path}: not a hamtune model file (no format={MODEL_FORMAT!r} entry; expected model.pt "
                            "written by `hamtune best --retrain`)")
-    missing = [k for k in _REQUIRED_KEYS if k not in record]
+    version = record.get("format_version")
+    if version not in _REQUIRED_KEYS:
+        raise HamtuneError(f"{path}: model file format version {version!r}; this hamtune reads versions "
+                           f"{', '.join(map(str, _REQUIRED_KEYS))}")
+    missing = [k for k in _REQUIRED_KEYS[version] if k not in record]
     if missing:
         raise HamtuneError(f"{path}: hamtune model file lacks {', '.join(missing)}")
-    if record["format_version"] != MODEL_FORMAT_VERSION:
-        raise HamtuneError(f"{path}: model file format version {record['format_version']!r}; this hamtune reads "
-                           f"version {MODEL_FORMAT_VERSION}")
+    if version == 1:
+        member = {k: record[k] for k in ("state_dict", "model", "head_hidden", "head_dropout", "use_meta", "meta_dim",
+                                         "mean", "std", "config") if k in record}
+        record = {k: v for k, v in record.items() if k not in member or k in ("model", "use_meta")}
+        record.update(members=[member], temperature=1.0, calibration=None)
+    members = record["members"]
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise HamtuneError(f"{path}: 'members' must be a non-empty list of networks")
+    for i, member in enumerate(members):
+        lacking = [k for k in _MEMBER_KEYS if k not in member]
+        if lacking:
+            raise HamtuneError(f"{path}: member {i} lacks {', '.join(lacking)}")
+    temperature = record["temperature"]
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise HamtuneError(f"{path}: temperature {temperature!r}; expected a positive number")
     if list(record["classes"]) != list(CLASSES):
         raise HamtuneError(f"{path}: model class order {list(record['classes'])} differs from this hamtune's "
                            f"{list(CLASSES)}; its outputs would be read as the wrong diagnoses")
@@ -108,25 +193,29 @@ def read_model_record(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network from a model file (weights_only load), in eval mode on `device`."""
+    """Rebuild every network of a model file (weights_only load), in eval mode on `device`."""
     from hamtune.config import TrainConfig
     from hamtune.model import build_model
 
     path = Path(path)
     record = read_model_record(path)
-    # pretrained only decides the initial weights, which the state dict replaces: never look for ImageNet weights.
-    try:
-        config = TrainConfig.from_dict({**record["config"], "pretrained": False})
-        model = build_model(config)
-        model.load_state_dict(record["state_dict"], strict=True)
-    except (HamtuneError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise HamtuneError(f"{path}: the weights do not fit the recorded model {record.get('model')!r} "
-                           f"({_one_line(exc)})") from None
-    model.to(device).eval()
-    info = {k: v for k, v in record.items() if k != "state_dict"}
-    return LoadedModel(path=path, model=model, classes=list(record["classes"]), image_size=int(record["image_size"]),
-                       use_meta=bool(record["use_meta"]), config=dict(record["config"]),
-                       fingerprint=record.get("data_fingerprint"), info=info)
+    networks = []
+    for i, member in enumerate(record["members"]):
+        # pretrained only decides the initial weights, which the state dict replaces: never look for ImageNet weights.
+        try:
+            config = TrainConfig.from_dict({**member["config"], "pretrained": False})
+            model = build_model(config)
+            model.load_state_dict(member["state_dict"], strict=True)
+        except (HamtuneError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+            which = f" of member {i}" if len(record["members"]) > 1 else ""
+            raise HamtuneError(f"{path}: the weights{which} do not fit the recorded model "
+                               f"{member.get('model')!r} ({_one_line(exc)})") from None
+        networks.append(model.to(device).eval())
+    info = {k: v for k, v in record.items() if k != "members"}
+    info["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in record["members"]]
+    return LoadedModel(path=path, members=networks, member_configs=[dict(m["config"]) for m in record["members"]],
+                       classes=list(record["classes"]), image_size=int(record["image_size"]),
+                       temperature=float(record["temperature"]), fingerprint=record.get("data_fingerprint"), info=info)
 
 
 def _one_line(exc: BaseException) -> str:

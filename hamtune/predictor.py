@@ -23,8 +23,9 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import nn
 
-from hamtune.data.ham10000 import CLASSES, DIAGNOSES
+from hamtune.data.ham10000 import DIAGNOSES
 from hamtune.errors import HamtuneError
+from hamtune.modelfile import LoadedModel
 
 CAM_MIN_SIDE = 4  # smallest Grad-CAM map (pixels on a side) worth showing; see the module docstring
 ACCEPTED_FORMATS = ("JPEG", "PNG")  # what training reads (hamtune.data.ham10000.IMAGE_SUFFIXES)
@@ -58,17 +59,22 @@ def cam_layer(model: nn.Module, image_size: int) -> CamLayer:
 
 
 class Predictor:
-    """A loaded model file: image_size, decode(bytes), predict_proba(uint8 images), gradcam(uint8 image, class)."""
+    """A loaded model file: image_size, decode(bytes), predict_proba(uint8 images), gradcam(uint8 image, class).
 
-    def __init__(self, model: nn.Module, *, image_size: int, use_meta: bool, info: dict | None = None,
-                 device: str | torch.device = "cpu"):
-        self.model = model.to(device).eval()
-        self.image_size = int(image_size)
-        self.use_meta = bool(use_meta)
+    Ensemble- and temperature-aware through LoadedModel.predict_proba (members averaged, then temperature-scaled,
+    exactly as `predict` and `evaluate` compute it). An ensemble's Grad-CAM is the mean of its members' maps (each
+    scaled to [0, 1] first, so no member dominates by the size of its gradients), scaled to [0, 1] again.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu"):
+        self.loaded = loaded
         self.device = torch.device(device)
-        self.info = dict(info or {})
-        self.classes = list(CLASSES)
-        self.cam = cam_layer(model, self.image_size)
+        self.members = [m.to(self.device).eval() for m in loaded.members]
+        self.image_size = int(loaded.image_size)
+        self.use_meta = loaded.use_meta
+        self.info = dict(loaded.info)
+        self.classes = list(loaded.classes)
+        self.cams = [cam_layer(m, self.image_size) for m in self.members]
         self._lock = threading.Lock()  # Grad-CAM hooks a layer for one call: no other forward pass may run then
 
     @classmethod
@@ -76,8 +82,12 @@ class Predictor:
         """Load model.pt (weights_only, see hamtune.modelfile) into a Predictor."""
         from hamtune.modelfile import load_model
 
-        loaded = load_model(path, device=device)
-        return cls(loaded.model, image_size=loaded.image_size, use_meta=loaded.use_meta, info=loaded.info, device=device)
+        return cls(load_model(path, device=device), device=device)
+
+    @property
+    def cam_layers(self) -> str:
+        """The layer(s) Grad-CAM reads, with their map sizes, e.g. 'backbone.layer3 (4x4)'."""
+        return ", ".join(dict.fromkeys(f"{c.name} ({c.side}x{c.side})" for c in self.cams))
 
     # -- images ---------------------------------------------------------------------------------------------------
 
@@ -117,11 +127,9 @@ class Predictor:
 
     def predict_proba(self, images_u8: np.ndarray) -> np.ndarray:
         """(N, 7) class probabilities in CLASSES order for uint8 NHWC images at image_size; rows sum to 1."""
-        from hamtune.train import predict_proba
-
         images_u8 = self._check(images_u8)
         with self._lock:
-            return predict_proba(self.model, images_u8, self._meta(len(images_u8)), device=self.device)
+            return self.loaded.predict_proba(images_u8, self._meta(len(images_u8)), device=self.device)
 
     def gradcam(self, image_u8: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of class `class_index` for one uint8 HWC image: float32 (image_size, image_size) in [0, 1].
@@ -136,16 +144,16 @@ class Predictor:
         image = self._check(np.asarray(image_u8)[None])
         x = torch.from_numpy(np.array(image)).to(self.device).permute(0, 3, 1, 2).float().div(255.0)
         meta = self._meta(1)
-        extra = (torch.from_numpy(meta).to(self.device),) if meta is not None else None
-        with self._lock:
-            layer = self.model.get_submodule(self.cam.name)
-            attribution = LayerGradCam(self.model, layer).attribute(
-                x, target=int(class_index), additional_forward_args=extra, relu_attributions=True)
         size = (self.image_size, self.image_size)
-        heat = LayerAttribution.interpolate(attribution.detach().float(), size, interpolate_mode="bilinear")
-        heat = heat[0, 0].clamp_min(0).cpu().numpy()
-        peak = float(heat.max())
-        return (heat / peak if peak > 0 else np.zeros_like(heat)).astype(np.float32)
+        maps = []
+        for model, cam in zip(self.members, self.cams):
+            extra = (torch.from_numpy(meta).to(self.device),) if getattr(model, "meta_dim", 0) > 0 else None
+            with self._lock:
+                attribution = LayerGradCam(model, model.get_submodule(cam.name)).attribute(
+                    x, target=int(class_index), additional_forward_args=extra, relu_attributions=True)
+            heat = LayerAttribution.interpolate(attribution.detach().float(), size, interpolate_mode="bilinear")
+            maps.append(_unit_peak(heat[0, 0].clamp_min(0).cpu().numpy()))
+        return _unit_peak(np.mean(maps, axis=0))
 
     def describe(self) -> dict:
         """What a client may want to know about the model behind the answers (plain JSON types)."""
@@ -153,7 +161,7 @@ class Predictor:
             "model": self.info.get("model"), "image_size": self.image_size, "uses_metadata": self.use_meta,
             "classes": [{"code": c, "name": DIAGNOSES[c]} for c in self.classes],
             "trained_on": self.info.get("data_fingerprint"), "experiment": self.info.get("experiment"),
-            "gradcam_layer": self.cam.name, "gradcam_map": f"{self.cam.side}x{self.cam.side}",
+            "members": len(self.members), "temperature": self.loaded.temperature, "gradcam_layer": self.cam_layers,
         }
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -173,3 +181,9 @@ class Predictor:
         from hamtune.data.labels import unknown_meta
 
         return unknown_meta(n)
+
+
+def _unit_peak(heat: np.ndarray) -> np.ndarray:
+    """A map divided by its maximum (all zeros stays all zeros), as float32."""
+    peak = float(heat.max())
+    return (heat / peak if peak > 0 else np.zeros_like(heat)).astype(np.float32)

@@ -8,17 +8,19 @@ API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the serve
 
     GET  /          the page (drop or choose an image; bar chart of the seven diagnoses; Grad-CAM overlay)
     GET  /health    {"status": "ok"}
-    GET  /info      the model: name, image_size, classes (code, name), Grad-CAM layer, data fingerprint
+    GET  /info      the model: name, image_size, members, temperature, classes (code, name), Grad-CAM layer
     POST /predict   multipart/form-data with the image (JPEG or PNG) in the field `file`;
                     query ?heatmap=false skips the Grad-CAM (faster). Answer:
         {"probabilities": [{"code": "akiec", "name": "Actinic keratoses / ...", "probability": 0.01}, ...],  # 7, in
                                                                        # hamtune.data.ham10000.CLASSES order, sum 1
          "top": {"code": "nv", "name": "Melanocytic nevus", "probability": 0.83},
-         "heatmap": {"code": "nv", "name": "Melanocytic nevus", "layer": "backbone.layer3", "map": "4x4",
-                     "size": 256, "png_base64": "..."}}   # null with ?heatmap=false
-        The heatmap PNG is the centre square the model sees (at 256 px) with the top class's Grad-CAM blended over
-        it. Errors: 413 body over 20 MB or image over 40 megapixels; 415 not a JPEG/PNG; 422 truncated or corrupt
-        image; 400 no `file` field or a malformed multipart body.
+         "heatmap": {"code": "nv", "name": "Melanocytic nevus", "layer": "backbone.layer3 (4x4)", "size": 256,
+                     "png_base64": "..."}}   # null with ?heatmap=false
+        Probabilities are the model file's members averaged and temperature-scaled as the file says (exactly what
+        `hamtune predict` gives). The heatmap PNG is the centre square the model sees (at 256 px) with the top
+        class's Grad-CAM blended over it (an ensemble: the mean of its members' maps). Errors: 413 body over 20 MB
+        or image over 40 megapixels; 415 not a JPEG/PNG; 422 truncated or corrupt image; 400 no `file` field or a
+        malformed multipart body.
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ def answer(predictor: Predictor, data: bytes, heatmap: bool = True) -> dict:
     if heatmap:
         cam = predictor.gradcam(image, top)
         overlay = overlay_png(predictor.decode(data, DISPLAY_SIZE), cam)
-        out["heatmap"] = {"code": rows[top]["code"], "name": rows[top]["name"], "layer": predictor.cam.name,
-                          "map": f"{predictor.cam.side}x{predictor.cam.side}", "size": DISPLAY_SIZE,
+        out["heatmap"] = {"code": rows[top]["code"], "name": rows[top]["name"], "layer": predictor.cam_layers,
+                          "size": DISPLAY_SIZE,
                           "png_base64": base64.b64encode(overlay).decode("ascii")}
     return out
 
@@ -193,8 +195,8 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: 
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     info = predictor.describe()
-    echo(f"model {model_path}: {info['model']}, {info['image_size']}px, Grad-CAM on {info['gradcam_layer']} "
-         f"({info['gradcam_map']})")
+    scaling = f", temperature {info['temperature']:.3f}" if info["temperature"] != 1.0 else ""
+    echo(f"model {model_path}: {info['model']}, {info['image_size']}px{scaling}, Grad-CAM on {info['gradcam_layer']}")
     if not is_loopback(bound_host):
         echo(f"listening on {bound_host}: anyone who can reach this machine on port {bound_port} can use the page")
     echo(f"serving on http://{shown}:{bound_port}/ (a research tool, not a diagnostic device; Ctrl+C stops)")

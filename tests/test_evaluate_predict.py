@@ -54,17 +54,19 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_model_file_is_plain_data_and_rebuilds_the_same_network(model_file):
     saved = torch.load(model_file, map_location="cpu", weights_only=True)
-    assert saved["format"] == "hamtune-model" and saved["classes"] == list(CLASSES)
-    assert saved["diagnoses"] == [DIAGNOSES[c] for c in CLASSES]
-    assert (saved["model"], saved["head_hidden"], saved["image_size"], saved["use_meta"]) == ("resnet10t", 32, 16, False)
-    assert saved["config"]["head_dropout"] == 0.1 and saved["data_fingerprint"] == "f" * 20
-    np.testing.assert_allclose(saved["mean"], saved["state_dict"]["mean"].flatten().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(saved["std"], saved["state_dict"]["std"].flatten().numpy(), rtol=1e-6)
+    assert saved["format"] == "hamtune-model" and saved["format_version"] == 2 and saved["classes"] == list(CLASSES)
+    assert saved["diagnoses"] == [DIAGNOSES[c] for c in CLASSES] and saved["temperature"] == 1.0
+    assert (saved["model"], saved["image_size"], saved["use_meta"]) == ("resnet10t", 16, False)
+    [member] = saved["members"]
+    assert (member["model"], member["head_hidden"], member["use_meta"]) == ("resnet10t", 32, False)
+    assert member["config"]["head_dropout"] == 0.1 and saved["data_fingerprint"] == "f" * 20
+    np.testing.assert_allclose(member["mean"], member["state_dict"]["mean"].flatten().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(member["std"], member["state_dict"]["std"].flatten().numpy(), rtol=1e-6)
 
     loaded = load_model(model_file)
     assert loaded.image_size == 16 and loaded.classes == list(CLASSES) and not loaded.model.training
     for name, tensor in loaded.model.state_dict().items():
-        assert torch.equal(tensor, saved["state_dict"][name]), name
+        assert torch.equal(tensor, member["state_dict"][name]), name
 
 
 @needs_sample

@@ -1,0 +1,146 @@
+"""Temperature scaling: one number T that makes a model's probabilities mean what they say, and how to measure that.
+
+Calibrated probabilities are p_T = softmax(log(p) / T). For a single network log(p) is its logits up to a constant,
+so this is Guo et al.'s temperature scaling; for an ensemble it scales the log of the averaged probabilities. The
+top class never changes (p^(1/T) keeps the order), so accuracy and balanced accuracy do not move; T only fixes the
+confidence.
+
+T must be fitted on data that the weights never trained on (else it learns their overconfidence on memorised images)
+and that the test never sees (else the test estimate is no longer clean). The retrain (hamtune.retrain) therefore
+holds back CALIBRATION_FRACTION of the train+val lesions, stratified by diagnosis, trains on the rest and fits T on
+the held-back slice: calibration_holdout below. The search's val split cannot serve: the retrain trains on it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hamtune.data.ham10000 import CLASSES
+
+CALIBRATION_FRACTION = 0.15
+ECE_BINS = 15
+T_BOUNDS = (0.05, 20.0)
+_TINY = 1e-300  # log(0) guard for probabilities that underflowed in float64
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / T) row-wise, in float64; T = 1 returns the probabilities unchanged (renormalised)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    logits = np.log(np.clip(probs, _TINY, None)) / float(temperature)
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    labels = np.asarray(labels, dtype=np.int64)
+    picked = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, _TINY, None))))
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The T in T_BOUNDS minimising the NLL of apply_temperature(probs, T) on (probs, labels)."""
+    from scipy.optimize import minimize_scalar
+
+    if len(labels) == 0:
+        raise ValueError("fit_temperature: no rows to fit on")
+    lo, hi = (math.log(b) for b in T_BOUNDS)
+    found = minimize_scalar(lambda log_t: nll(apply_temperature(probs, math.exp(log_t)), labels), bounds=(lo, hi),
+                            method="bounded", options={"xatol": 1e-4})
+    return float(math.exp(found.x))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> pd.DataFrame:
+    """Per equal-width confidence bin (top-class probability): count, mean confidence, accuracy."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (k/bins, (k+1)/bins]
+    rows = []
+    for k in range(bins):
+        mask = which == k
+        rows.append({"bin_low": k / bins, "bin_high": (k + 1) / bins, "count": int(mask.sum()),
+                     "confidence": float(confidence[mask].mean()) if mask.any() else math.nan,
+                     "accuracy": float(correct[mask].mean()) if mask.any() else math.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over `bins` equal-width confidence bins."""
+    table = reliability(probs, labels, bins)
+    used = table[table["count"] > 0]
+    return float((used["count"] * (used["accuracy"] - used["confidence"]).abs()).sum() / max(1, len(labels)))
+
+
+def calibration_summary(probs: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
+    """NLL and ECE before and after applying `temperature` to `probs`."""
+    after = apply_temperature(probs, temperature)
+    return {"n": int(len(labels)), "nll_before": nll(probs, labels), "nll_after": nll(after, labels),
+            "ece_before": expected_calibration_error(probs, labels), "ece_after": expected_calibration_error(after, labels)}
+
+
+def calibration_holdout(table: pd.DataFrame, index: np.ndarray, fraction: float = CALIBRATION_FRACTION, *,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split the rows `index` of `table` into (train, calibration) by lesion, per diagnosis.
+
+    Per class (the lesion's diagnosis), the lesions are shuffled and the first ones go to calibration until their
+    images come nearest to `fraction` of the class's images; a class with one lesion keeps it for training. Whole
+    lesions move, so no lesion has images on both sides.
+    """
+    from hamtune.data.split import lesion_classes
+
+    index = np.asarray(index, dtype=np.int64)
+    rows = table.iloc[index]
+    per_lesion = rows.groupby("lesion_id", sort=True).size()
+    classes = lesion_classes(rows)
+    held: set = set()
+    for class_index, code in enumerate(CLASSES):
+        lesions = classes.index[classes == code].to_numpy()
+        if len(lesions) < 2:
+            continue
+        lesions = lesions[np.random.default_rng([seed, class_index, 15]).permutation(len(lesions))]
+        sizes = per_lesion[lesions].to_numpy()
+        quota, filled = fraction * sizes.sum(), 0
+        for lesion, size in zip(lesions[:-1], sizes[:-1]):  # the last lesion always stays for training
+            if filled > 0 and abs(filled + size - quota) >= abs(filled - quota):
+                break
+            held.add(lesion)
+            filled += size
+    is_held = rows["lesion_id"].isin(held).to_numpy()
+    return index[~is_held], index[is_held]
+
+
+def plot_reliability(path: Path, labels: np.ndarray, before: np.ndarray, after: np.ndarray, *, title: str = "") -> Path:
+    """Reliability diagram (accuracy against confidence per bin), before and after temperature scaling."""
+    from hamtune.io import save_figure
+    from hamtune.report import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    for ax, probs, name in ((axes[0], before, "before"), (axes[1], after, "after")):
+        table = reliability(probs, labels)
+        used = table[table["count"] > 0]
+        centres = (table["bin_low"] + table["bin_high"]) / 2
+        ax.bar(centres, table["accuracy"].fillna(0), width=1 / len(table), edgecolor="#1f4e79", color="#8aa9cc",
+               label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="#888888", label="perfect calibration")
+        ax.plot(used["confidence"], used["accuracy"], "o", color="#c0392b", markersize=4, label="mean confidence")
+        ece = expected_calibration_error(probs, labels)
+        ax.set_title(f"{name} temperature scaling (ECE {ece:.3f})")
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
