@@ -34,6 +34,14 @@ class BestChoice:
 
 def choose_best(exp_dir: Path, *, metric: str | None = None, mode: str | None = None) -> BestChoice:
     """The trial with the best value of `metric` (default: the experiment's), among completed and stopped trials."""
+    return choose_top(exp_dir, 1, metric=metric, mode=mode)[0]
+
+
+def choose_top(exp_dir: Path, k: int, *, metric: str | None = None, mode: str | None = None) -> list[BestChoice]:
+    """The k trials with the best values of `metric`, best first (ties: the earlier trial), among completed and
+    stopped trials; fewer when fewer qualify."""
+    if k < 1:
+        raise HamtuneError(f"--top {k}: expected a number of trials >= 1")
     record = res.read_experiment(exp_dir)
     trials, history = res.load_tables(exp_dir)
     metric = metric or record["metric"]
@@ -44,13 +52,18 @@ def choose_best(exp_dir: Path, *, metric: str | None = None, mode: str | None = 
         raise HamtuneError(f"--metric {metric!r}: not in {exp_dir / 'trials.parquet'} (expected one of: {', '.join(known)})")
     if mode is None:
         mode = record["mode"] if metric == record["metric"] else ("min" if metric.endswith("loss") else "max")
-    trial = res.best_trial(trials, metric=metric, mode=mode)
-    searched = {k.removeprefix("config."): _plain(v) for k, v in trial.items()
-                if k.startswith("config.") and not _is_missing(v)}
-    config = {**record["spec"].get("train", {}), **searched}
-    return BestChoice(exp_dir=exp_dir, record=record, trial=trial, metric=metric, mode=mode,
-                      best_epoch=_peak_epoch(trial, history, metric, mode, record), searched=searched, config=config,
-                      n_trials=len(trials))
+    res.best_trial(trials, metric=metric, mode=mode)  # the one-line error when no trial qualifies
+    ok = trials[trials["status"].isin(["completed", "stopped"]) & trials[f"best_{metric}"].notna()]
+    ranked = ok.sort_values(f"best_{metric}", ascending=mode == "min", kind="stable")  # stable: ties as best_trial
+    choices = []
+    for _, trial in ranked.head(k).iterrows():
+        searched = {c.removeprefix("config."): _plain(v) for c, v in trial.items()
+                    if c.startswith("config.") and not _is_missing(v)}
+        config = {**record["spec"].get("train", {}), **searched}
+        choices.append(BestChoice(exp_dir=exp_dir, record=record, trial=trial, metric=metric, mode=mode,
+                                  best_epoch=_peak_epoch(trial, history, metric, mode, record), searched=searched,
+                                  config=config, n_trials=len(trials)))
+    return choices
 
 
 def _peak_epoch(trial: pd.Series, history: pd.DataFrame, metric: str, mode: str, record: dict) -> int:

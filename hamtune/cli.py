@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--epochs", type=int, help="retrain epochs (default: the epoch at which the best trial peaked)")
     best.add_argument("--seeds", type=int, nargs="+", help="retrain once per seed; metrics reported as mean ± std")
     best.add_argument("--tta", action="store_true", help="test-time augmentation (flips and 90° rotations averaged)")
+    best.add_argument("--top", type=int, default=1, metavar="K",
+                      help="retrain the K best trials and average their probabilities (an ensemble; default 1)")
+    best.add_argument("--calibration", type=float, default=0.15, metavar="FRACTION",
+                      help="fraction of train+val lesions held back from the retrain to fit the temperature "
+                           "(default 0.15; 0 = no temperature scaling)")
     best.add_argument("--results-dir", type=Path, default=Path("results"))
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on an external labelled image set")
@@ -222,18 +227,23 @@ def cmd_results(args) -> int:
 
 def cmd_best(args) -> int:
     from hamtune import results as res
-    from hamtune.choose import choose_best, describe_best
+    from hamtune.choose import choose_top, describe_best
 
-    if not args.retrain and (args.epochs is not None or args.seeds or args.tta):
-        raise HamtuneError("--epochs, --seeds and --tta apply to the retrain: add --retrain")
+    if not args.retrain and (args.epochs is not None or args.seeds or args.tta or args.calibration != 0.15):
+        raise HamtuneError("--epochs, --seeds, --tta and --calibration apply to the retrain: add --retrain")
     exp_dir = res.experiment_dir(args.name, args.results_dir)
-    choice = choose_best(exp_dir, metric=args.metric, mode=args.mode)
-    print(describe_best(choice), flush=True)
+    choices = choose_top(exp_dir, args.top, metric=args.metric, mode=args.mode)
+    if len(choices) < args.top:
+        raise HamtuneError(f"--top {args.top}: experiment {exp_dir.name} has only {len(choices)} completed or "
+                           "stopped trial(s) with that metric")
+    for i, choice in enumerate(choices):
+        print(("\n" if i else "") + (f"#{i + 1} " if len(choices) > 1 else "") + describe_best(choice), flush=True)
     if args.retrain:
         from hamtune.retrain import retrain
 
         print(flush=True)
-        retrain(choice, epochs=args.epochs, seeds=args.seeds, tta=args.tta, echo=_echo)
+        retrain(choices, epochs=args.epochs, seeds=args.seeds, tta=args.tta, calibration=args.calibration,
+                echo=_echo)
     return 0
 
 

@@ -86,14 +86,15 @@ def plot_confusion_matrix(path: Path, counts: np.ndarray, classes: Sequence[str]
     return path
 
 
-def plot_training_curve(path: Path, histories: Mapping[int, Sequence[Mapping[str, Any]]]) -> Path:
-    """Training loss per epoch, one line per seed (the retrain has no validation split to plot)."""
+def plot_training_curve(path: Path, histories: Mapping[Any, Sequence[Mapping[str, Any]]]) -> Path:
+    """Training loss per epoch, one line per seed (int keys) or per named run (str keys, e.g. ensemble members);
+    the retrain has no validation split to plot."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for seed, history in histories.items():
         epochs = [int(h["epoch"]) for h in history]
         losses = [float(h["train_loss"]) for h in history]
-        ax.plot(epochs, losses, marker="o", ms=4, label=f"seed {seed}")
+        ax.plot(epochs, losses, marker="o", ms=4, label=f"seed {seed}" if isinstance(seed, int) else str(seed))
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax.set_title("retrain on train+val: training loss")

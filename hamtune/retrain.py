@@ -25,7 +25,12 @@ from hamtune.data.cache import prepare_spec_data
 from hamtune.errors import HamtuneError
 from hamtune.io import write_csv
 from hamtune.metrics import HEADLINE_METRICS, classification_report_table, evaluation_metrics, summary_line
-from hamtune.modelfile import save_model
+from hamtune.calibration import (
+    CALIBRATION_FRACTION, ECE_BINS, apply_temperature, calibration_holdout, calibration_summary, fit_temperature,
+    plot_reliability,
+)
+from hamtune.data.arrays import SplitArrays
+from hamtune.modelfile import ensemble_record, member_record, save_record
 from hamtune.space import spec_from_dict
 
 BEST_DIR = "best"
@@ -82,20 +87,42 @@ class RetrainOutcome:
     files: list[Path] = field(default_factory=list)
 
 
-def retrain(choice: BestChoice, *, epochs: int | None = None, seeds: Sequence[int] | None = None, tta: bool = False,
+def _subset(arrays: SplitArrays, rows: np.ndarray) -> SplitArrays:
+    """The rows of `arrays` whose table index is in `rows` (in arrays' order)."""
+    keep = np.isin(arrays.index, rows)
+    return SplitArrays(images=arrays.images[keep], labels=arrays.labels[keep], meta=arrays.meta[keep],
+                       index=arrays.index[keep])
+
+
+def _sizes(table: pd.DataFrame, arrays: SplitArrays | None) -> dict | None:
+    if arrays is None:
+        return None
+    return {"images": int(len(arrays)), "lesions": int(table["lesion_id"].iloc[arrays.index].nunique())}
+
+
+def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = None,
+            seeds: Sequence[int] | None = None, tta: bool = False, calibration: float = CALIBRATION_FRACTION,
             out_dir: Path | None = None, progress: bool = True, echo: Echo = print) -> RetrainOutcome:
-    """Train the best config on train+val once per seed, test each model once, write the report to out_dir."""
+    """Train each chosen config once per seed, average their probabilities, fit the temperature, test once, report.
+
+    The members train on train+val less a lesion-grouped, class-stratified `calibration` fraction of it, on which
+    the temperature of the averaged probabilities is fitted (hamtune.calibration); 0 = no hold-out, temperature 1.
+    Every member and the ensemble are tested once; the saved model.pt is the first seed's ensemble.
+    """
     import torch
     from tqdm import tqdm
 
     from hamtune.train import fit, predict_proba, resolve_device
 
+    choices = [choices] if isinstance(choices, BestChoice) else list(choices)
+    choice = choices[0]  # the best trial: the experiment, the data, the headline config
     if epochs is not None and epochs < 1:
         raise HamtuneError(f"--epochs {epochs}: expected a whole number of epochs >= 1")
     seeds = list(seeds) if seeds else [int(choice.config.get("seed", TrainConfig.seed))]
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise HamtuneError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers >= 0")
-    epochs = int(epochs or choice.best_epoch)
+    if not 0 <= calibration < 0.5:
+        raise HamtuneError(f"--calibration {calibration}: expected a fraction of train+val in [0, 0.5) (0 = none)")
     out_dir = out_dir or choice.exp_dir / BEST_DIR
 
     data = prepare_recorded_data(choice, progress=progress)
@@ -104,101 +131,234 @@ def retrain(choice: BestChoice, *, epochs: int | None = None, seeds: Sequence[in
     echo(f"data: {len(data.table)} images from cache {data.path} (decoded {data.decoded}); train+val "
          f"{split['train_val']['images']} images / {split['train_val']['lesions']} lesions, test "
          f"{split['test']['images']} images / {split['test']['lesions']} lesions (disjoint)")
-    source = "--epochs" if epochs != choice.best_epoch else f"the epoch at which trial {choice.trial['trial_id']} peaked"
-    echo(f"retrain: {epochs} epochs ({source}), seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}"
-         f"{', test-time augmentation' if tta else ''}")
+    train, held = train_val, None
+    if calibration > 0:
+        fit_rows, held_rows = calibration_holdout(data.table, train_val.index, calibration,
+                                                  seed=int(data.split.seed))
+        train, held = _subset(train_val, fit_rows), _subset(train_val, held_rows)
+        check_no_calibration_leak(data.table, train.index, held.index, test.index, data.path)
+        echo(f"calibration: {len(held)} images / {_sizes(data.table, held)['lesions']} lesions of train+val held "
+             f"back (lesion-grouped, per diagnosis) to fit the temperature; the retrain trains on the other "
+             f"{len(train)}")
+    split["train"], split["calibration"] = _sizes(data.table, train), _sizes(data.table, held)
+    member_epochs = [int(epochs or c.best_epoch) for c in choices]
+    names = [f"trial {c.trial['trial_id']}" for c in choices]
+    if len(choices) > 1:
+        echo(f"ensemble of the top {len(choices)} trials by {choice.metric}: {', '.join(names)}")
+    source = "--epochs" if epochs else "the epoch at which each trial peaked"
+    echo(f"retrain: {', '.join(map(str, member_epochs))} epochs ({source}), seed{'s' if len(seeds) > 1 else ''} "
+         f"{' '.join(map(str, seeds))}{', test-time augmentation' if tta else ''}")
 
-    test_rows = data.table.iloc[test.index]
-    lesions = test_rows["lesion_id"].tolist()
-    runs = []
-    saved = None
+    lesions = data.table["lesion_id"].iloc[test.index].tolist()
+    runs, saved = [], None
     for seed in seeds:
-        config = retrain_config(choice, epochs=epochs, seed=seed)
-        with tqdm(total=epochs, desc=f"seed {seed}", unit="epoch", disable=not progress, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
-            def on_epoch(metrics: dict, _make_state) -> None:
-                bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}")
-                bar.update(1)
+        members = []
+        for rank, (c, n_epochs, name) in enumerate(zip(choices, member_epochs, names)):
+            config = retrain_config(c, epochs=n_epochs, seed=seed)
+            label = f"seed {seed}" if len(choices) == 1 else f"{name} seed {seed}"
+            with tqdm(total=n_epochs, desc=label, unit="epoch", disable=not progress, file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                def on_epoch(metrics: dict, _make_state) -> None:
+                    bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}")
+                    bar.update(1)
 
-            result = fit(config, train_val, None, on_epoch=on_epoch)
-        if result.status != "completed":
-            raise HamtuneError(f"retrain of trial {choice.trial['trial_id']} with seed {seed} failed: {result.message} "
-                               "(try another --seeds value or fewer --epochs)")
-        device = resolve_device(config.device)
-        probs = predict_proba(result.model, test.images, test.meta if config.use_meta else None, device=device, tta=tta)
+                result = fit(config, train, None, on_epoch=on_epoch)
+            if result.status != "completed":
+                raise HamtuneError(f"retrain of trial {c.trial['trial_id']} with seed {seed} failed: {result.message} "
+                                   "(try another --seeds value or fewer --epochs)")
+            device = resolve_device(config.device)
+
+            def proba(arrays: SplitArrays) -> np.ndarray:
+                return predict_proba(result.model, arrays.images, arrays.meta if config.use_meta else None,
+                                     device=device, tta=tta)
+
+            test_probs = proba(test)
+            metrics = evaluation_metrics(test.labels, test_probs, lesions)
+            if len(choices) > 1:
+                echo(f"test, {name}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
+            members.append({"rank": rank + 1, "trial_id": c.trial["trial_id"], "seed": seed, "epochs": n_epochs,
+                            "config": config, "history": result.history, "test_probs": test_probs,
+                            "held_probs": proba(held) if held is not None else None, "metrics": metrics,
+                            f"search_{c.metric}": float(c.trial[f"best_{c.metric}"]),
+                            "model": result.model.to("cpu") if saved is None else None})
+            del result
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        raw = np.mean([m["test_probs"] for m in members], axis=0)
+        if held is not None:
+            held_raw = np.mean([m["held_probs"] for m in members], axis=0)
+            temperature = fit_temperature(held_raw, held.labels)
+            scaling = {"temperature": temperature,
+                       "calibration_slice": calibration_summary(held_raw, held.labels, temperature),
+                       "test": calibration_summary(raw, test.labels, temperature)}
+        else:
+            temperature, scaling = 1.0, {"temperature": 1.0, "test": calibration_summary(raw, test.labels, 1.0)}
+        probs = apply_temperature(raw, temperature)
         metrics = evaluation_metrics(test.labels, probs, lesions)
-        echo(f"test, seed {seed} ({len(test)} images): {summary_line(metrics)}")
-        runs.append({"seed": seed, "history": result.history, "metrics": metrics})
-        if saved is None:  # the first seed's model is the one kept, chosen before any test score was seen
-            saved = {"seed": seed, "config": config, "model": result.model.to("cpu"), "probs": probs, "metrics": metrics}
-        del result
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        what = "ensemble" if len(choices) > 1 else "model"
+        echo(f"test, {what}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
+        if held is not None:
+            t = scaling["test"]
+            echo(f"temperature {temperature:.3f} (fitted on the held-back slice): test ECE {t['ece_before']:.4f} -> "
+                 f"{t['ece_after']:.4f}, NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}")
+        runs.append({"seed": seed, "members": members, "metrics": metrics, "scaling": scaling})
+        if saved is None:  # the first seed's models are the ones kept, chosen before any test score was seen
+            saved = {"seed": seed, "members": members, "probs": probs, "raw_probs": raw, "metrics": metrics,
+                     "scaling": scaling, "temperature": temperature}
 
+    first = saved["members"][0]
     metrics = {
         "experiment": choice.record["name"], "trial_id": choice.trial["trial_id"], "selected_by": choice.metric,
         "mode": choice.mode, "n_test": len(test), "model_seed": saved["seed"], **saved["metrics"],
-        "seeds": seeds, "tta": tta, "epochs": epochs, "split": split,
+        "seeds": seeds, "tta": tta, "epochs": first["epochs"], "split": split,
         "data": {"fingerprint": data.fingerprint, "cache": str(data.path), "decoded": data.decoded},
+        "top": len(choices), "trial_ids": [c.trial["trial_id"] for c in choices],
+        "members": [{k: m[k] for k in ("rank", "trial_id", "seed", "epochs", f"search_{choice.metric}")}
+                    | {k: m["metrics"][k] for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95")}
+                    for m in saved["members"]],
+        "calibration": {"fraction": calibration, "bins": ECE_BINS, "method": "temperature scaling of the averaged "
+                        "probabilities, fitted by NLL on the held-back slice of train+val", **saved["scaling"]},
     }
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": r["seed"], **{k: r["metrics"][k] for k in HEADLINE_METRICS},
-                                "balanced_accuracy_ci95": r["metrics"]["balanced_accuracy_ci95"]} for r in runs]
+                                "balanced_accuracy_ci95": r["metrics"]["balanced_accuracy_ci95"],
+                                "temperature": r["scaling"]["temperature"]} for r in runs]
         metrics["across_seeds"] = {k: _mean_std([r["metrics"][k] for r in runs]) for k in HEADLINE_METRICS}
         for k in HEADLINE_METRICS:
             s = metrics["across_seeds"][k]
             echo(f"across seeds {' '.join(map(str, seeds))}: {k} {s['mean']:.4f} ± {s['std']:.4f}")
-    metrics["config"] = saved["config"].to_dict()
+    metrics["config"] = first["config"].to_dict()
 
-    files = _write_retrain_report(out_dir, choice, data, train_val, test, saved, runs, metrics)
+    files = _write_retrain_report(out_dir, choices, data, train, held, test, saved, runs, metrics)
     echo(f"wrote {out_dir}/: {', '.join(p.name for p in files)}")
     return RetrainOutcome(out_dir=out_dir, metrics=metrics, files=files)
 
 
-def _write_retrain_report(out_dir: Path, choice: BestChoice, data, train_val, test, saved: dict, runs: list,
-                          metrics: dict) -> list[Path]:
+def check_no_calibration_leak(table: pd.DataFrame, train_index: np.ndarray, held_index: np.ndarray,
+                              test_index: np.ndarray, where: Path | str) -> None:
+    """Raise unless the calibration slice shares no image and no lesion with the training rows or the test."""
+    for other, name in ((train_index, "the retrain's training rows"), (test_index, "the test split")):
+        shared = np.intersect1d(held_index, other)
+        lesions = set(table["lesion_id"].iloc[held_index]) & set(table["lesion_id"].iloc[other])
+        if len(shared) or lesions:
+            raise HamtuneError(f"{where}: the calibration slice shares {len(shared)} image(s) and {len(lesions)} "
+                               f"lesion(s) with {name}; expected disjoint, lesion-grouped slices")
+
+
+def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train, held, test, saved: dict,
+                          runs: list, metrics: dict) -> list[Path]:
+    choice = choices[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     test_rows = data.table.iloc[test.index]
     predictions = report.predictions_table(test_rows["image_id"], test_rows["lesion_id"], test.labels, saved["probs"])
     table = classification_report_table(test.labels, saved["probs"])
-    files = [save_model(out_dir / "model.pt", saved["model"], config=saved["config"].to_dict(),
-                        image_size=data.image_size, fingerprint=data.fingerprint,
-                        extra={"experiment": choice.record["name"], "trial_id": choice.trial["trial_id"],
-                               "seed": saved["seed"], "epochs": metrics["epochs"]})]
+    members = [member_record(m["model"], config=m["config"].to_dict(),
+                             extra={"trial_id": m["trial_id"], "seed": m["seed"], "epochs": m["epochs"]})
+               for m in saved["members"]]
+    files = [save_record(out_dir / "model.pt", ensemble_record(
+        members, image_size=data.image_size, fingerprint=data.fingerprint, temperature=saved["temperature"],
+        calibration=metrics["calibration"],
+        extra={"experiment": choice.record["name"], "trial_id": choice.trial["trial_id"], "seed": saved["seed"],
+               "epochs": metrics["epochs"]}))]
     files += report.write_evaluation(out_dir, predictions, metrics, table)
-    files.append(report.plot_training_curve(out_dir / "training_curve.png", {r["seed"]: r["history"] for r in runs}))
-    # Which rows trained and which tested, from the very index arrays used: the proof that no test image was seen.
-    used = np.concatenate([train_val.index, test.index])
+    if len(choices) == 1:
+        curves = {r["seed"]: r["members"][0]["history"] for r in runs}
+    else:
+        curves = {f"trial {m['trial_id']}, seed {r['seed']}": m["history"] for r in runs for m in r["members"]}
+    files.append(report.plot_training_curve(out_dir / "training_curve.png", curves))
+    pictures = [("Confusion matrix (test)", "confusion_matrix.png"), ("Training loss", "training_curve.png")]
+    if held is not None:
+        files.append(plot_reliability(out_dir / "reliability.png", test.labels, saved["raw_probs"], saved["probs"],
+                                      title=f"test split, temperature {saved['temperature']:.3f}"))
+        pictures.append(("Reliability on the test split, before and after temperature scaling", "reliability.png"))
+    # Which rows trained, which calibrated and which tested, from the very index arrays used: the proof that no
+    # test image was seen and that the temperature was fitted on rows the weights never trained on.
+    parts = [(train.index, "train"), (test.index, "test")] + ([(held.index, "calibration")] if held is not None else [])
+    used = np.concatenate([index for index, _ in parts])
     split_rows = data.table.iloc[used][["image_id", "lesion_id", "dx"]].copy()
     split_rows.insert(0, "row", used)
-    split_rows["role"] = ["train_val"] * len(train_val) + ["test"] * len(test)
+    split_rows["role"] = np.concatenate([[role] * len(index) for index, role in parts])
     files.append(write_csv(out_dir / "split.csv", split_rows))
 
     split = metrics["split"]
+    ensemble = len(choices) > 1
+    trial_ids = ", ".join(f"`{c.trial['trial_id']}`" for c in choices)
+    epochs_text = ", ".join(str(m["epochs"]) for m in metrics["members"])
+    if ensemble:
+        trained = (f"An ensemble of the top {len(choices)} trials of experiment `{choice.record['name']}` (by "
+                   f"{choice.metric}, {choice.mode}: {trial_ids}), each retrained")
+    else:
+        trained = (f"Best trial `{choice.trial['trial_id']}` of experiment `{choice.record['name']}` (by "
+                   f"{choice.metric}, {choice.mode}), retrained")
     intro = [
-        f"Best trial `{choice.trial['trial_id']}` of experiment `{choice.record['name']}` (by {choice.metric}, "
-        f"{choice.mode}), retrained on train+val for {metrics['epochs']} epochs and evaluated once on the test split.",
+        f"{trained} on train+val for {epochs_text} epochs"
+        + (", probabilities averaged," if ensemble else "") + " and evaluated once on the test split.",
         "",
         f"- train+val: {split['train_val']['images']} images, {split['train_val']['lesions']} lesions; "
         f"test: {split['test']['images']} images, {split['test']['lesions']} lesions; no image and no lesion in both "
         "(checked before training; rows in `split.csv`).",
+    ]
+    if held is not None:
+        cal = metrics["calibration"]
+        intro.append(
+            f"- calibration: {split['calibration']['images']} images / {split['calibration']['lesions']} lesions "
+            f"({cal['fraction']:.0%} of train+val, whole lesions, per diagnosis) were held back from training and "
+            f"used only to fit the temperature T = {cal['temperature']:.3f}; the networks trained on the other "
+            f"{split['train']['images']} images. The search's val split could not serve (the retrain trains on it) "
+            "and the test split must stay unseen.")
+    intro += [
         f"- seeds: {', '.join(map(str, metrics['seeds']))}; `model.pt`, `predictions.csv` and the per-class figures "
         f"are from seed {metrics['model_seed']}." + (" Test-time augmentation: flips averaged." if metrics["tta"] else ""),
         f"- data: fingerprint `{data.fingerprint}`, cache `{data.path}`.",
     ]
-    sections = [("Configuration", report.config_markdown(metrics["config"], list(choice.searched)))]
+    sections = [("Configuration" + (" of the best trial" if ensemble else ""),
+                 report.config_markdown(metrics["config"], list(choice.searched)))]
+    if ensemble:
+        sections.insert(0, ("Members and ensemble (test split)", _members_markdown(metrics, choice.metric)))
+    if held is not None:
+        sections.insert(len(sections) - 1, ("Calibration", _calibration_markdown(metrics["calibration"])))
     if "per_seed" in metrics:
-        rows = ["| seed | " + " | ".join(HEADLINE_METRICS) + " |", "|---|" + "---|" * len(HEADLINE_METRICS)]
-        rows += [f"| {r['seed']} | " + " | ".join(report.format_value(r[k]) for k in HEADLINE_METRICS) + " |"
-                 for r in metrics["per_seed"]]
-        sections.insert(0, ("Seeds", "\n".join(rows)))
+        rows = ["| seed | " + " | ".join(HEADLINE_METRICS) + " | temperature |",
+                "|---|" + "---|" * (len(HEADLINE_METRICS) + 1)]
+        rows += [f"| {r['seed']} | " + " | ".join(report.format_value(r[k]) for k in HEADLINE_METRICS)
+                 + f" | {r['temperature']:.3f} |" for r in metrics["per_seed"]]
+        sections.insert(0, ("Seeds" + (" (the ensemble's scores)" if ensemble else ""), "\n".join(rows)))
     names = [p.name for p in files] + ["report.md"]
     files.append(report.write_report_md(
-        out_dir / "report.md", title=f"{choice.record['name']}: final model", intro=intro, metrics=metrics,
-        classification_report=table, sections=sections,
-        pictures=[("Confusion matrix (test)", "confusion_matrix.png"), ("Training loss", "training_curve.png")],
-        files=names))
+        out_dir / "report.md", title=f"{choice.record['name']}: final {'ensemble' if ensemble else 'model'}",
+        intro=intro, metrics=metrics, classification_report=table, sections=sections, pictures=pictures, files=names))
     return files
+
+
+def _members_markdown(metrics: dict, metric: str) -> str:
+    """Every member and the ensemble side by side: search score, test scores with the balanced-accuracy interval."""
+    def ci(row: dict) -> str:
+        lo, hi = row["balanced_accuracy_ci95"]
+        return f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})"
+
+    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for m in metrics["members"]:
+        lines.append(f"| member {m['rank']} | `{m['trial_id']}` | {m[f'search_{metric}']:.4f} | {m['accuracy']:.4f} | "
+                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} |")
+    lines.append(f"| **ensemble** (mean probabilities, temperature-scaled) | all | – | {metrics['accuracy']:.4f} | "
+                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} |")
+    lines += ["", "Seed " + str(metrics["model_seed"]) + ". Temperature scaling never changes the top class, so the "
+              "ensemble's accuracy and balanced accuracy are those of the plain average."]
+    return "\n".join(lines)
+
+
+def _calibration_markdown(cal: dict) -> str:
+    """Temperature, and ECE / NLL before and after on the held-back slice and on the test split."""
+    lines = [f"Temperature scaling, T = {cal['temperature']:.3f} (T > 1 softens overconfident probabilities), fitted "
+             f"by negative log-likelihood on the held-back slice only. ECE: {cal['bins']} equal-width confidence bins.",
+             "", "| data | images | ECE before | ECE after | NLL before | NLL after |", "|---|---|---|---|---|---|"]
+    for key, name in (("calibration_slice", "held-back slice (fitted on)"), ("test", "test split")):
+        s = cal[key]
+        lines.append(f"| {name} | {s['n']} | {s['ece_before']:.4f} | {s['ece_after']:.4f} | {s['nll_before']:.4f} | "
+                     f"{s['nll_after']:.4f} |")
+    return "\n".join(lines)
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
