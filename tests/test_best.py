@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared/data/ham10000-sample"
 REPORT_FILES = ("model.pt", "metrics.json", "classification_report.csv", "predictions.csv", "confusion_matrix.png",
-                "training_curve.png", "split.csv", "report.md")
+                "training_curve.png", "reliability.png", "split.csv", "report.md")
 
 
 def tiny_spec(cache_dir: Path) -> dict:
@@ -132,10 +132,12 @@ def test_retrain_writes_the_report(retrained, experiment):
     # model.pt: plain tensors and primitives, everything needed to use the weights
     saved = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
     assert saved["classes"] == list(CLASSES) and saved["image_size"] == 16 and saved["model"] == "resnet10t"
-    assert saved["head_hidden"] == 32 and saved["use_meta"] is False and saved["data_fingerprint"] == record["data"]["fingerprint"]
-    assert saved["config"] == metrics["config"]
-    assert torch.allclose(torch.tensor(saved["mean"]), saved["state_dict"]["mean"].flatten())
-    assert len(saved["std"]) == 3
+    assert saved["use_meta"] is False and saved["data_fingerprint"] == record["data"]["fingerprint"]
+    [member] = saved["members"]
+    assert member["head_hidden"] == 32 and member["config"] == metrics["config"]
+    assert torch.allclose(torch.tensor(member["mean"]), member["state_dict"]["mean"].flatten())
+    assert len(member["std"]) == 3
+    assert saved["temperature"] == pytest.approx(metrics["calibration"]["temperature"]) and saved["temperature"] != 1.0
 
     for picture in ("confusion_matrix.png", "training_curve.png"):
         with Image.open(out_dir / picture) as image:
@@ -180,7 +182,8 @@ def test_retrain_never_saw_a_test_image(retrained, experiment):
     out_dir, _ = retrained
     metrics = json.loads((out_dir / "metrics.json").read_text())
     split = pd.read_csv(out_dir / "split.csv")
-    train_val, test = split[split["role"] == "train_val"], split[split["role"] == "test"]
+    assert set(split["role"]) == {"train", "calibration", "test"} and split["row"].is_unique
+    train_val, test = split[split["role"].isin(["train", "calibration"])], split[split["role"] == "test"]
     assert set(train_val["image_id"]).isdisjoint(test["image_id"])
     assert set(train_val["lesion_id"]).isdisjoint(test["lesion_id"])
     assert metrics["split"]["train_val"] == {"images": len(train_val), "lesions": train_val["lesion_id"].nunique()}
@@ -194,6 +197,16 @@ def test_retrain_never_saw_a_test_image(retrained, experiment):
     table = data.table
     assert set(train_val["image_id"]) == set(table.loc[table["split"].isin(["train", "val"]), "image_id"])
     assert set(test["image_id"]) == set(table.loc[table["split"] == "test", "image_id"])
+
+    # The temperature was fitted on rows the weights never trained on, and the test never reached it.
+    train, held = split[split["role"] == "train"], split[split["role"] == "calibration"]
+    assert set(held["row"]).isdisjoint(train["row"]) and set(held["row"]).isdisjoint(test["row"])
+    assert set(held["lesion_id"]).isdisjoint(train["lesion_id"]) and set(held["lesion_id"]).isdisjoint(test["lesion_id"])
+    assert metrics["split"]["calibration"] == {"images": len(held), "lesions": held["lesion_id"].nunique()}
+    assert 0.10 < len(held) / len(train_val) < 0.20
+    cal = metrics["calibration"]
+    assert cal["calibration_slice"]["n"] == len(held) and cal["test"]["n"] == len(test)
+    assert cal["calibration_slice"]["nll_after"] < cal["calibration_slice"]["nll_before"]
 
     # And the guard really refuses overlaps.
     train_index, test_index = train_val["row"].to_numpy(), test["row"].to_numpy()
@@ -221,6 +234,48 @@ def test_seeds_report_mean_and_std(retrained, experiment, tmp_path, capsys):
     assert metrics["model_seed"] == 0 and metrics["balanced_accuracy"] == metrics["per_seed"][0]["balanced_accuracy"]
     assert metrics["per_seed"][0]["accuracy"] == pytest.approx(single["accuracy"])
     assert "| seed |" in (results / "tiny" / "best" / "report.md").read_text()
+
+
+def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average(experiment, tmp_path, capsys):
+    from hamtune.calibration import apply_temperature
+    from hamtune.data import SplitSpec, prepare
+    from hamtune.modelfile import load_model
+
+    results = copy_experiment(experiment, tmp_path)
+    assert main(["best", "tiny", "--top", "5", "--results-dir", str(results)]) == 2
+    assert "--top 5: experiment tiny has only 3" in capsys.readouterr().err
+    assert main(["best", "tiny", "--retrain", "--top", "2", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    best_dir = results / "tiny" / "best"
+    metrics = json.loads((best_dir / "metrics.json").read_text())
+    record = res.read_experiment(results / "tiny")
+    trials, _ = res.load_tables(results / "tiny")
+    ranked = trials.sort_values(f"best_{record['metric']}", ascending=record["mode"] == "min", kind="stable")
+    assert metrics["trial_ids"] == list(ranked["trial_id"][:2]) == [m["trial_id"] for m in metrics["members"]]
+    assert "#1 " in out and "#2 " in out and "test, ensemble, seed 0" in out
+
+    report = (best_dir / "report.md").read_text()
+    assert "## Members and ensemble (test split)" in report and "| **ensemble**" in report
+    for row in (*metrics["members"], metrics):
+        lo, hi = row["balanced_accuracy_ci95"]
+        assert f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})" in report
+    assert "## Calibration" in report and "(reliability.png)" in report
+
+    # The file holds both members and the temperature, and predicts the temperature-scaled mean of its members:
+    # exactly the probabilities the report scored.
+    loaded = load_model(best_dir / "model.pt")
+    assert len(loaded.members) == 2 and loaded.temperature == pytest.approx(metrics["calibration"]["temperature"])
+    d = record["spec"]["data"]
+    data = prepare("synthetic", d["image_size"], cache_dir=Path(d["cache_dir"]), progress=False,
+                   split=SplitSpec(d["val"], d["test"], d["split_seed"]), synthetic_size=d["synthetic_size"])
+    test = data.arrays("test")
+    each = loaded.member_proba(test.images)
+    expected = apply_temperature(np.mean(each, axis=0), loaded.temperature)
+    np.testing.assert_allclose(loaded.predict_proba(test.images), expected, atol=1e-12)
+    pred = pd.read_csv(best_dir / "predictions.csv").set_index("image_id").loc[data.table["image_id"].iloc[test.index]]
+    np.testing.assert_allclose(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
+    for member, probs in zip(metrics["members"], each):
+        assert member["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test.labels, probs.argmax(1)))
 
 
 def test_retrain_refuses_changed_data(experiment, tmp_path, capsys):
