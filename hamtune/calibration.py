@@ -129,7 +129,7 @@ def plot_reliability(path: Path, labels: np.ndarray, before: np.ndarray, after: 
         ax.bar(centres, table["accuracy"].fillna(0), width=1 / len(table), edgecolor="#1f4e79", color="#8aa9cc",
                label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="#888888", label="perfect calibration")
-        ax.plot(used["confidence"], used["accuracy"], "o", color="#c0392b", markersize=4, label="mean confidence")
+        ax.plot(used["confidence"], used["accuracy"], "o", color="#c0392b", markersize=4, label="bin: (mean confidence, accuracy)")
         ece = expected_calibration_error(probs, labels)
         ax.set_title(f"{name} temperature scaling (ECE {ece:.3f})")
         ax.set_xlabel("confidence (top-class probability)")

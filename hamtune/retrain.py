@@ -351,8 +351,9 @@ def _members_markdown(metrics: dict, metric: str) -> str:
 
 def _calibration_markdown(cal: dict) -> str:
     """Temperature, and ECE / NLL before and after on the held-back slice and on the test split."""
-    lines = [f"Temperature scaling, T = {cal['temperature']:.3f} (T > 1 softens overconfident probabilities), fitted "
-             f"by negative log-likelihood on the held-back slice only. ECE: {cal['bins']} equal-width confidence bins.",
+    lines = [f"Temperature scaling, T = {cal['temperature']:.3f} (T > 1 softens overconfident probabilities, T < 1 "
+             "sharpens underconfident ones), fitted by negative log-likelihood on the held-back slice only. ECE: "
+             f"{cal['bins']} equal-width confidence bins.",
              "", "| data | images | ECE before | ECE after | NLL before | NLL after |", "|---|---|---|---|---|---|"]
     for key, name in (("calibration_slice", "held-back slice (fitted on)"), ("test", "test split")):
         s = cal[key]
