@@ -1,4 +1,4 @@
-"""`hamtune serve` latency: POST /predict for a real 600x450 dermatoscopic JPEG, as a client on the same machine sees it.
+"""`hamtune serve` latency: POST /predict of a real 600x450 dermatoscopic JPEG, as a client on the same machine sees it.
 
 Starts the real server (`hamtune serve --port 0` in a subprocess, as a user would) on a resnet10t model file at 64 px
 (untrained weights: the time does not depend on their values), sends --requests requests one after another with and

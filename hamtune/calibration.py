@@ -81,7 +81,8 @@ def calibration_summary(probs: np.ndarray, labels: np.ndarray, temperature: floa
     """NLL and ECE before and after applying `temperature` to `probs`."""
     after = apply_temperature(probs, temperature)
     return {"n": int(len(labels)), "nll_before": nll(probs, labels), "nll_after": nll(after, labels),
-            "ece_before": expected_calibration_error(probs, labels), "ece_after": expected_calibration_error(after, labels)}
+            "ece_before": expected_calibration_error(probs, labels),
+            "ece_after": expected_calibration_error(after, labels)}
 
 
 def calibration_holdout(table: pd.DataFrame, index: np.ndarray, fraction: float = CALIBRATION_FRACTION, *,
@@ -129,7 +130,8 @@ def plot_reliability(path: Path, labels: np.ndarray, before: np.ndarray, after: 
         ax.bar(centres, table["accuracy"].fillna(0), width=1 / len(table), edgecolor="#1f4e79", color="#8aa9cc",
                label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="#888888", label="perfect calibration")
-        ax.plot(used["confidence"], used["accuracy"], "o", color="#c0392b", markersize=4, label="bin: (mean confidence, accuracy)")
+        ax.plot(used["confidence"], used["accuracy"], "o", color="#c0392b", markersize=4,
+                label="bin: (mean confidence, accuracy)")
         ece = expected_calibration_error(probs, labels)
         ax.set_title(f"{name} temperature scaling (ECE {ece:.3f})")
         ax.set_xlabel("confidence (top-class probability)")

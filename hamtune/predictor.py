@@ -52,7 +52,8 @@ def cam_layer(model: nn.Module, image_size: int) -> CamLayer:
     info = getattr(model.backbone, "feature_info", None)
     stages = [(f["module"], int(f["reduction"])) for f in info] if isinstance(info, list) else []
     if not stages:
-        raise HamtuneError(f"{type(model.backbone).__name__}: timm backbone without feature_info; no layer for Grad-CAM")
+        raise HamtuneError(f"{type(model.backbone).__name__}: timm backbone without feature_info; "
+                           "no layer for Grad-CAM")
     fitting = [(name, reduction) for name, reduction in stages if image_size // reduction >= CAM_MIN_SIDE]
     name, reduction = fitting[-1] if fitting else stages[0]
     return CamLayer(name=f"backbone.{name}", side=max(1, image_size // reduction))

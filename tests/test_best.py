@@ -201,7 +201,8 @@ def test_retrain_never_saw_a_test_image(retrained, experiment):
     # The temperature was fitted on rows the weights never trained on, and the test never reached it.
     train, held = split[split["role"] == "train"], split[split["role"] == "calibration"]
     assert set(held["row"]).isdisjoint(train["row"]) and set(held["row"]).isdisjoint(test["row"])
-    assert set(held["lesion_id"]).isdisjoint(train["lesion_id"]) and set(held["lesion_id"]).isdisjoint(test["lesion_id"])
+    assert set(held["lesion_id"]).isdisjoint(train["lesion_id"])
+    assert set(held["lesion_id"]).isdisjoint(test["lesion_id"])
     assert metrics["split"]["calibration"] == {"images": len(held), "lesions": held["lesion_id"].nunique()}
     assert 0.10 < len(held) / len(train_val) < 0.20
     cal = metrics["calibration"]
@@ -276,6 +277,21 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
     np.testing.assert_allclose(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
     for member, probs in zip(metrics["members"], each):
         assert member["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test.labels, probs.argmax(1)))
+
+
+def test_calibration_zero_trains_on_all_of_train_val_and_keeps_temperature_one(experiment, tmp_path, capsys):
+    results = copy_experiment(experiment, tmp_path)
+    assert main(["best", "tiny", "--retrain", "--calibration", "0", "--results-dir", str(results)]) == 0
+    capsys.readouterr()
+    best_dir = results / "tiny" / "best"
+    split = pd.read_csv(best_dir / "split.csv")
+    metrics = json.loads((best_dir / "metrics.json").read_text())
+    assert set(split["role"]) == {"train", "test"} and metrics["split"]["calibration"] is None
+    assert metrics["split"]["train"] == metrics["split"]["train_val"]
+    assert torch.load(best_dir / "model.pt", weights_only=True)["temperature"] == 1.0
+    assert not (best_dir / "reliability.png").exists() and "## Calibration" not in (best_dir / "report.md").read_text()
+    assert main(["best", "tiny", "--retrain", "--calibration", "0.6", "--results-dir", str(results)]) == 2
+    assert "--calibration 0.6" in capsys.readouterr().err
 
 
 def test_retrain_refuses_changed_data(experiment, tmp_path, capsys):

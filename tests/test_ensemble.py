@@ -172,4 +172,5 @@ def test_calibration_holdout_is_lesion_grouped_stratified_and_deterministic():
         in_class = table["dx"].iloc[held] == code
         assert in_class.any(), code  # every diagnosis is represented in the calibration slice
     again = calibration_holdout(table, index, 0.15, seed=0)
-    assert np.array_equal(again[1], held) and not np.array_equal(calibration_holdout(table, index, 0.15, seed=1)[1], held)
+    assert np.array_equal(again[1], held)
+    assert not np.array_equal(calibration_holdout(table, index, 0.15, seed=1)[1], held)
