@@ -238,7 +238,11 @@ def cmd_best(args) -> int:
         raise HamtuneError(f"--top {args.top}: experiment {exp_dir.name} has only {len(choices)} completed or "
                            "stopped trial(s) with that metric")
     for i, choice in enumerate(choices):
-        print(("\n" if i else "") + (f"#{i + 1} " if len(choices) > 1 else "") + describe_best(choice), flush=True)
+        text = describe_best(choice)
+        if len(choices) > 1:  # one header for the experiment, then each trial as "#rank trial ..."
+            header, _, rest = text.partition("\n")
+            text = (f"{header.replace('best of', f'top {len(choices)} of')}\n" if i == 0 else "\n") + f"#{i + 1} {rest}"
+        print(text, flush=True)
     if args.retrain:
         from hamtune.retrain import retrain
 

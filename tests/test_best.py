@@ -253,7 +253,8 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
     trials, _ = res.load_tables(results / "tiny")
     ranked = trials.sort_values(f"best_{record['metric']}", ascending=record["mode"] == "min", kind="stable")
     assert metrics["trial_ids"] == list(ranked["trial_id"][:2]) == [m["trial_id"] for m in metrics["members"]]
-    assert "#1 " in out and "#2 " in out and "test, ensemble, seed 0" in out
+    assert "top 2 of 3 trials" in out and "\n#1 trial " in out and "\n#2 trial " in out
+    assert "test, ensemble, seed 0" in out
 
     report = (best_dir / "report.md").read_text()
     assert "## Members and ensemble (test split)" in report and "| **ensemble**" in report
