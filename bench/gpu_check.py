@@ -5,9 +5,11 @@ One prepared run, on one machine with a CUDA GPU (a g5.2xlarge worker of cluster
   1. step rate of the model at the spec's size, random-init weights, synthetic data in memory, side by side:
        (a) bare step     forward + backward + AdamW step on a float batch already on the GPU (the limit)
        (b) hamtune loop  train_one_epoch over read-only uint8 NHWC arrays in host memory: gather, copy to the GPU,
-                         BatchAugment on the GPU, loss check, LR schedule (what a trial does every step)
+                         BatchAugment on the GPU, loss check, LR schedule (what a trial does every step), with the
+                         next batch gathered into pinned memory and copied on a side stream by a background thread
+       (c) in line       the same loop with prefetch=False: gather and copy between two steps
      each in fp32 (PyTorch defaults: cuDNN may use TF32) and with AMP (bf16 where supported, else fp16 + scaler),
-     blocks interleaved (a, b, a, b, ...) so clock or load changes hit both; median images/s, ratio b/a, and the
+     blocks interleaved (a, b, c, a, b, c, ...) so clock or load changes hit all; median images/s, ratio b/a, and the
      peak GPU memory of one trial's training step (what `resources.gpu: 0.5` must leave room for twice);
   2. a two-trial `hamtune search` at gpu: 0.5 (search_spaces/resnext101.yaml with synthetic data, 2 epochs): both
      trials on the one GPU at the same time through Ray, with the device memory they used together.
@@ -103,20 +105,22 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     augment = BatchAugment(0.5)
     aug_gen = torch.Generator().manual_seed(1)
 
-    def loop_block() -> float:
+    def loop_block(prefetch: bool = True) -> float:
         stats = train_one_epoch(model, criterion, optimizer, scheduler, data, rng.permutation(n), batch_size=bs,
                                 device=device, augment=augment, generator=aug_gen, scaler=scaler,
-                                amp_dtype=amp_dtype, channels_last=channels_last)
+                                amp_dtype=amp_dtype, channels_last=channels_last, prefetch=prefetch)
         return stats["images"] / stats["time_s"]
 
-    bare_block(), loop_block()  # warm-up: cuDNN algorithm search, allocator, lazy CUDA modules
-    bare, loop = [], []
+    bare_block(), loop_block(), loop_block(False)  # warm-up: cuDNN algorithm search, allocator, lazy CUDA modules
+    bare, loop, in_line = [], [], []
     for _ in range(args.repeats):
         bare.append(bare_block())
         loop.append(loop_block())
+        in_line.append(loop_block(prefetch=False))
     result = {"precision": precision, "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
-              "bare": statistics.median(bare), "loop": statistics.median(loop),
-              "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop]}
+              "bare": statistics.median(bare), "loop": statistics.median(loop), "in_line": statistics.median(in_line),
+              "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
+              "in_line_all": [round(v, 1) for v in in_line]}
     if cuda:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
@@ -201,13 +205,14 @@ def report(args: argparse.Namespace, device, steps: list[dict], search: dict | N
     for r in steps:
         rows.append([r["precision"] + (f" ({r['amp_dtype']})" if r["amp_dtype"] != "none" else ""),
                      common.fmt(r["bare"], 1), common.fmt(r["loop"], 1), common.fmt(r["loop"] / r["bare"], 3),
+                     common.fmt(r["in_line"], 1), common.fmt(r["in_line"] / r["bare"], 3),
                      common.fmt(r.get("peak_allocated_gib"), 2), common.fmt(r.get("peak_reserved_gib"), 2)])
     # not part of `make bench`: it needs a GPU, so it runs on its own
     body = common.run_header(started_load).replace(" (part of `make bench`)", "") + "\n"
     body += (f"Model {args.model}, random init, {args.image_size} px, batch {args.batch_size} (one trial), "
              f"{args.steps} steps per block, median of {args.repeats} interleaved blocks, device {device}.\n\n")
     body += common.md_table(["precision", "(a) bare step img/s", "(b) hamtune loop img/s", "b/a",
-                             "peak allocated GiB", "peak reserved GiB"], rows)
+                             "(c) loop in line img/s", "c/a", "peak allocated GiB", "peak reserved GiB"], rows)
     if len(steps) == 2:
         body += f"\nAMP / fp32, hamtune loop: {steps[1]['loop'] / steps[0]['loop']:.2f}x\n"
     if search is not None:
@@ -236,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     for precision in precisions:
         r = step_benchmark(args, device, precision)
         steps.append(r)
-        print(f"{precision:5s} bare {r['bare']:8.1f} img/s  loop {r['loop']:8.1f} img/s  b/a {r['loop'] / r['bare']:.3f}"
+        print(f"{precision:5s} bare {r['bare']:8.1f} img/s  loop {r['loop']:8.1f} img/s"
+              f"  b/a {r['loop'] / r['bare']:.3f}"
+              f"  in line {r['in_line']:8.1f} img/s  c/a {r['in_line'] / r['bare']:.3f}"
               + (f"  peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['peak_reserved_gib']:.2f} reserved"
                  if "peak_allocated_gib" in r else ""), flush=True)
     search = None
