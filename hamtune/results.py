@@ -66,6 +66,11 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
         best_epoch = pd.Series(dtype="int64")
     non_finite = set(history.loc[history["trial_status"] == "non_finite", "trial_id"]) \
         if "trial_status" in history.columns else set()
+    input_error = set(history.loc[history["trial_status"] == "error", "trial_id"]) \
+        if "trial_status" in history.columns else set()
+    # the one-line reason a trial ended early (an input error, a non-finite loss)
+    messages = history.dropna(subset=["message"]).groupby("trial_id")["message"].last() \
+        if "message" in history.columns else pd.Series(dtype=object)
 
     rows = []
     for t in trials:
@@ -74,7 +79,8 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
         epochs = int(s.get("epochs", 0))
         row: dict[str, Any] = {
             "trial_id": trial_id,
-            "status": trial_status(t["tune_status"], epochs, max_epochs, trial_id in non_finite),
+            "status": "error" if trial_id in input_error else
+                      trial_status(t["tune_status"], epochs, max_epochs, trial_id in non_finite),
             "epochs": epochs,
             **{f"config.{k}": v for k, v in sorted((t.get("config") or {}).items())},
             "best_epoch": int(best_epoch[trial_id]) if trial_id in best_epoch.index else None,
@@ -83,6 +89,7 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
             if pd.notna(s.get(f"best_{c}", math.nan)):
                 row[f"best_{c}"] = float(s[f"best_{c}"])
                 row[f"last_{c}"] = float(s[f"last_{c}"])
+        row["message"] = messages.get(trial_id)
         row["wall_time_s"] = t.get("wall_time_s")
         row["best_checkpoint"] = t.get("best_checkpoint")
         rows.append(row)

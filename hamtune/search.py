@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from ray import tune  # noqa: E402
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
+from hamtune import checkpoints, preflight  # noqa: E402
 from hamtune import results as res  # noqa: E402
 from hamtune.data.cache import prepare_spec_data  # noqa: E402
 from hamtune.errors import HamtuneError  # noqa: E402
@@ -51,6 +53,8 @@ from hamtune.trainable import train_trial  # noqa: E402
 # What Tune adds to every report; the history keeps the metrics, the epoch clock and hamtune's own keys.
 TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOULD_CHECKPOINT}
 log = logging.getLogger("hamtune")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Searcher, scheduler, results callback
 
@@ -70,7 +74,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials or not result:
             return super().on_trial_complete(trial_id, result, error)
         state = None
-        if result.get("trial_status") == "non_finite":
+        if result.get("trial_status") in ("non_finite", "error"):
             state = TrialState.FAIL
         elif not error and int(result.get("epoch", self._max_epochs)) < self._max_epochs:
             state = TrialState.PRUNED
@@ -109,10 +113,12 @@ def make_scheduler(spec: SearchSpec):
 
 
 class ResultsTablesCallback(tune.Callback):
-    """Keeps results/<experiment>/ tables current: rewritten atomically as trials finish and at the end."""
+    """Keeps results/<experiment>/ tables current (rewritten atomically as trials finish and at the end), prints a
+    trial's input error as one line, and bounds the checkpoints' disk as trials end (hamtune.checkpoints)."""
 
-    def __init__(self, exp_dir: Path, spec: SearchSpec, min_interval_s: float = 10.0):
+    def __init__(self, exp_dir: Path, spec: SearchSpec, tune_path: str, min_interval_s: float = 10.0):
         self.exp_dir, self.spec, self.min_interval_s = exp_dir.resolve(), spec, min_interval_s
+        self.tune_path = tune_path
         self.history: list[dict] = []
         self.wall: dict[str, float] = {}
         self.ended: set[str] = set()
@@ -129,17 +135,29 @@ class ResultsTablesCallback(tune.Callback):
         if trials.is_file():
             t = pd.read_parquet(trials)
             self.wall = {r.trial_id: float(r.wall_time_s or 0) for r in t.itertuples()}
-            self.ended = set(t.loc[t["status"].isin(["completed", "stopped", "non_finite"]), "trial_id"])
+            # "error" with a message is an input error that ended the trial; without one Tune may retry it
+            ended = t["status"].isin(["completed", "stopped", "non_finite"])
+            if "message" in t.columns:
+                ended |= (t["status"] == "error") & t["message"].notna()
+            self.ended = set(t.loc[ended, "trial_id"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.history.append({"trial_id": trial.trial_id, **res.metric_values(result, drop=TUNE_KEYS)})
+        if result.get("trial_status") == "error":
+            print(f"hamtune: trial {trial.trial_id}: error: {result.get('message')}", file=sys.stderr, flush=True)
         self.wall[trial.trial_id] = float(result.get("time_total_s", 0.0))
         if time.monotonic() - self._last_write > self.min_interval_s:
             self.write(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
-        self.write(trials)
+        table = self.write(trials)
+        try:
+            checkpoints.prune(self.tune_path, {t.trial_id: t.path for t in trials}, table, ended=self.ended,
+                              metric=self.spec.search.metric, mode=self.spec.search.mode,
+                              keep=self.spec.search.keep_best_checkpoints)
+        except Exception as exc:  # disk bookkeeping must never end the search; run_search prunes again at the end
+            log.warning("could not prune checkpoints: %s", exc)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.write(trials)
@@ -154,19 +172,21 @@ class ResultsTablesCallback(tune.Callback):
             return "TERMINATED"
         return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
 
-    def write(self, trials) -> None:
-        write_tables(self.exp_dir, self.spec, self.history, [
+    def write(self, trials):
+        table = write_tables(self.exp_dir, self.spec, self.history, [
             {"trial_id": t.trial_id, "config": t.config, "tune_status": self._status(t),
              "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
         self._last_write = time.monotonic()
+        return table
 
 
-def write_tables(exp_dir: Path, spec: SearchSpec, history_rows: list[dict], trial_rows: list[dict]) -> None:
+def write_tables(exp_dir: Path, spec: SearchSpec, history_rows: list[dict], trial_rows: list[dict]):
     history = res.history_table(history_rows)
     trials = res.trials_table(trial_rows, history, metric=spec.search.metric, mode=spec.search.mode,
                               max_epochs=spec.max_epochs)
     atomic_write_table(history, exp_dir / "history.parquet")
     atomic_write_table(trials, exp_dir / "trials.parquet")
+    return trials
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +214,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def trial_nodes(trial_resources: dict[str, float]) -> list[dict]:
+    """The live nodes that can hold one trial (a GPU trial never runs on a CPU-only head)."""
+    wanted = {k: v for k, v in trial_resources.items() if v > 0}
+    return [n for n in alive_nodes() if all(n["Resources"].get(k, 0.0) >= v for k, v in wanted.items())]
 
 
 def check_cluster(address: str | None, storage_path: str | None, trial_resources: dict[str, float]) -> None:
@@ -239,11 +265,15 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     elif record_path.is_file():
         raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
                            f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
+    trial_resources = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+    if not address:
+        preflight.check_on_driver(spec.train, spec.space)  # local trials see this machine's files and caches
+    init_ray(address, num_cpus)
+    check_cluster(address, storage_path, trial_resources)
+    if address:
+        preflight.check_on_nodes(spec.train, spec.space, trial_nodes(trial_resources))
     data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
-
-    init_ray(address, num_cpus)
-    check_cluster(address, storage_path, {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu})
     exp_dir.mkdir(parents=True, exist_ok=True)
     if storage_path:
         tune_storage, tune_name = storage_path, spec.experiment
@@ -284,7 +314,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                    else {"metric": spec.search.metric, "mode": spec.search.mode})),
             run_config=tune.RunConfig(
                 name=tune_name, storage_path=tune_storage, verbose=verbose,
-                callbacks=[ResultsTablesCallback(exp_dir, spec)],
+                callbacks=[ResultsTablesCallback(exp_dir, spec, tune_path)],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=spec.search.metric,
@@ -294,20 +324,16 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     grid = tuner.fit()
     wall = time.monotonic() - start
 
-    # The callback wrote the tables; add each trial's best checkpoint for `hamtune best`.
+    # The callback wrote the tables and pruned checkpoints as trials ended; prune once more now that every trial
+    # has stopped (also those of an earlier run of a resumed search), and record the kept best checkpoints.
     trials, history = res.load_tables(exp_dir)
-    best_ckpts = {}
-    for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id")
-        if trial_id is None:
-            continue
-        try:
-            ck = r.get_best_checkpoint(spec.search.metric, spec.search.mode)
-        except (RuntimeError, ValueError, KeyError):
-            ck = None
-        ck = ck or r.checkpoint
-        if ck is not None:
-            best_ckpts[trial_id] = ck.path
+    paths = {r.metrics["trial_id"]: r.path for r in grid if (r.metrics or {}).get("trial_id") and r.path}
+    ended = trials["status"].isin(["completed", "stopped", "non_finite"])
+    if "message" in trials.columns:
+        ended |= (trials["status"] == "error") & trials["message"].notna()
+    best_ckpts = checkpoints.prune(tune_path, paths, trials, ended=trials.loc[ended, "trial_id"],
+                                   metric=spec.search.metric, mode=spec.search.mode,
+                                   keep=spec.search.keep_best_checkpoints)
     trials["best_checkpoint"] = trials["trial_id"].map(best_ckpts)
     atomic_write_table(trials, exp_dir / "trials.parquet")
     done = trials["status"].isin(["completed", "stopped", "non_finite", "error"])

@@ -49,6 +49,7 @@ class SearchSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     max_failures: int = 1
+    keep_best_checkpoints: int = 3  # trials whose best weights survive the search (the rest keep only tables)
 
 
 @dataclass
@@ -197,6 +198,9 @@ def _validate(spec: SearchSpec, source: str) -> None:
     _check(isinstance(s.grace_period, int) and 1 <= s.grace_period <= spec.max_epochs, source, "search.grace_period", s.grace_period, f"an integer in [1, train.epochs={spec.max_epochs}]")
     _check(isinstance(s.reduction_factor, int) and s.reduction_factor >= 2, source, "search.reduction_factor", s.reduction_factor, "an integer >= 2")
     _check(isinstance(s.max_failures, int) and s.max_failures >= 0, source, "search.max_failures", s.max_failures, "an integer >= 0")
+    _check(isinstance(s.keep_best_checkpoints, int) and not isinstance(s.keep_best_checkpoints, bool)
+           and s.keep_best_checkpoints >= 1, source, "search.keep_best_checkpoints", s.keep_best_checkpoints,
+           "an integer >= 1 (the best trial's weights are always kept)")
     _check(_is_number(r.cpu) and r.cpu > 0, source, "resources.cpu", r.cpu, "a number > 0")
     _check(_is_number(r.gpu) and r.gpu >= 0 and (r.gpu <= 1 or float(r.gpu).is_integer()), source, "resources.gpu", r.gpu, "0, a fraction in (0, 1], or a whole number")
 
