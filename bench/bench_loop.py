@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -63,8 +64,18 @@ def main() -> None:
     amp_dtype, channels_last = rig.amp_dtype, rig.channels_last
     criterion = torch.nn.CrossEntropyLoss()
 
+    # CPU seconds of this (the training) thread per block: with one torch thread the step runs here, so on a machine
+    # that other jobs share it says what the loop costs the training thread, which wall time cannot say.
+    main_cpu: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+
+    def on_main_thread(key: str, fn):
+        start = time.thread_time()
+        value = fn()
+        main_cpu[key].append(time.thread_time() - start)
+        return value
+
     def bare_block() -> float:
-        return rig.bare_images_per_s(steps)
+        return on_main_thread("a", lambda: rig.bare_images_per_s(steps))
 
     # (b) a read-only uint8 data set, gathered per batch like the real loop
     rng = np.random.default_rng(0)
@@ -82,12 +93,15 @@ def main() -> None:
     # warm-up: allocator, oneDNN/cuDNN kernel choice
     bare_block(), loop_block(args.strength), loop_block(args.strength, prefetch=False), loop_block(0.0)
     bare, loop, in_line, plain = [], [], [], []
+    main_cpu["a"].clear()
     for _ in range(args.repeats):
         bare.append(bare_block())
-        loop.append(loop_block(args.strength))
-        in_line.append(loop_block(args.strength, prefetch=False))
+        loop.append(on_main_thread("b", lambda: loop_block(args.strength)))
+        in_line.append(on_main_thread("c", lambda: loop_block(args.strength, prefetch=False)))
         plain.append(loop_block(0.0))
     a, b, c, b0 = (statistics.median(v) for v in (bare, loop, in_line, plain))
+    # bare-step CPU time / loop CPU time of the training thread (medians; 1.0 = the loop adds nothing to that thread)
+    cpu_ratio = {k: statistics.median(main_cpu["a"]) / statistics.median(main_cpu[k]) for k in ("b", "c")}
     # the augmentation alone on one batch, timed in isolation: steadier than the b vs b0 difference
     batch_u8 = torch.from_numpy(data.images[:bs]).to(device).permute(0, 3, 1, 2)
     augment = BatchAugment(args.strength)
@@ -110,6 +124,8 @@ def main() -> None:
         "ratio": round(b / a, 3), "paired_ratio": round(paired, 3),
         "in_line_ratio": round(c / a, 3), "in_line_paired_ratio": round(paired_in_line, 3),
         "augment_ms_per_batch": round(augment_s * 1e3, 2),
+        "training_thread_cpu_ratio": {k: round(v, 3) for k, v in cpu_ratio.items()},
+        "training_thread_cpu_s": {k: [round(x, 3) for x in v] for k, v in main_cpu.items()},
         "bare_all": [round(v, 1) for v in bare], "loop_all": [round(v, 1) for v in loop],
         "in_line_all": [round(v, 1) for v in in_line], "loop_no_augment_all": [round(v, 1) for v in plain],
     }
@@ -119,6 +135,7 @@ def main() -> None:
     print(f"(b0) hamtune loop, no augment : {b0:9.1f} images/s")
     print(f"ratio b/a                     : {b / a:9.3f}  (goal >= 0.95; median of paired ratios {paired:.3f})")
     print(f"ratio c/a                     : {c / a:9.3f}  (median of paired ratios {paired_in_line:.3f})")
+    print(f"training thread CPU a/b, a/c  : {cpu_ratio['b']:9.3f}, {cpu_ratio['c']:.3f}")
     print(json.dumps(result))
 
     met = min(b / a, paired) >= 0.95
@@ -149,8 +166,14 @@ def main() -> None:
         f"the back-to-back pair ratios: {paired:.3f}); in line (c)/(a) = {c / a:.3f} (pairs: {paired_in_line:.3f}). "
         f"Augmentation costs {1 - b / b0:.1%} of the prefetched loop's throughput (b vs b0); batching from uint8 "
         f"arrays, uint8 -> float, the per-step loss check and the lr schedule cost {1 - b0 / a:.1%} (b0 vs a). "
-        f"Differences smaller than the spread of the repeats (last column) are noise. Timed alone, BatchAugment({args.strength}) takes "
-        f"{augment_s * 1e3:.2f} ms per batch of {bs}, {augment_share:.1%} of a bare step.\n",
+        f"Differences smaller than the spread of the repeats (last column) are noise. Timed alone, "
+        f"BatchAugment({args.strength}) takes {augment_s * 1e3:.2f} ms per batch of {bs}, {augment_share:.1%} of a "
+        f"bare step.\n",
+        (f"CPU time of the training thread (the one torch thread; steadier than wall time when other jobs share the "
+         f"cores): bare step / loop = **{cpu_ratio['b']:.3f}** with prefetch, {cpu_ratio['c']:.3f} in line. With "
+         f"prefetch the training thread runs the model step and its bookkeeping; the batch is prepared on another "
+         f"core.\n"
+         if args.threads == 1 and device.type == "cpu" else ""),
     ])
     # On a shared machine the result is only worth keeping if nothing else ran: say so when the run was disturbed.
     load_at_end = common.load_average()

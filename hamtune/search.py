@@ -50,9 +50,11 @@ from hamtune.io import atomic_write_json, atomic_write_table  # noqa: E402
 from hamtune.space import SearchSpec  # noqa: E402
 from hamtune.trainable import train_trial  # noqa: E402
 
-# What Tune adds to every report; the history keeps the metrics, the epoch clock and hamtune's own keys.
-TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOULD_CHECKPOINT}
+# What Tune adds to every report; the history keeps the metrics, the epoch clock and hamtune's own keys (but not
+# an input error's traceback: that stays in Tune's result.json of the trial).
+TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOULD_CHECKPOINT, "traceback"}
 log = logging.getLogger("hamtune")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -264,3 +264,76 @@ def test_asha_stopped_trials_are_pruned_in_optuna(finished_search):
     expected = sorted(["PRUNED"] * int((trials["status"] == "stopped").sum())
                       + ["COMPLETE"] * int((trials["status"] == "completed").sum()))
     assert states == expected
+
+
+def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local, capfd):
+    """A weights file that exists (so the preflight passes) but is not a weights file: every retry would fail alike."""
+    import json
+
+    from hamtune.search import run_search
+    from hamtune.space import spec_from_dict
+
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a weights file")
+    raw = tiny_spec(tmp_path, tmp_path / "cache", **{
+        "experiment": "input-error", "model.pretrained": str(corrupt), "search.searcher": "random",
+        "search.scheduler": "fifo", "search.num_samples": 2, "search.max_failures": 3, "train.epochs": 1,
+        "space": {"lr": {"choice": [1e-3, 2e-3]}}})
+    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
+    assert outcome.state == "finished"
+    trials = outcome.trials
+    assert len(trials) == 2 and set(trials["status"]) == {"error"}
+    reason = f"pretrained: cannot read weights file '{corrupt}'"
+    assert all(m.startswith(reason) and "\n" not in m for m in trials["message"]), trials["message"]
+    assert (tmp_path / "results" / "input-error" / "trials.csv").read_text().count(reason) == 2
+    # Tune's own records: one attempt per trial (a retry would have started the trainable again and reported again),
+    # no failure, and the traceback only in the trial's log (its result.json), not in the tables.
+    trial_dirs = sorted((tmp_path / "results" / "input-error" / "tune").glob("train_trial_*"))
+    assert len(trial_dirs) == 2
+    for trial_dir in trial_dirs:
+        reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line]
+        assert [(r["trial_status"], r["training_iteration"], r["iterations_since_restore"]) for r in reports] == \
+            [("error", 1, 1)]
+        assert "Traceback" in reports[0]["traceback"] and "HamtuneError" in reports[0]["traceback"]
+        assert not (trial_dir / "error.txt").exists()  # Tune writes that for a trial that raised
+    _, history = res.load_tables(tmp_path / "results" / "input-error")
+    assert "traceback" not in history.columns
+    err = capfd.readouterr().err
+    for trial_id in trials["trial_id"]:
+        assert f"hamtune: trial {trial_id}: error: {reason}" in err
+    assert "Traceback" not in err
+
+
+def test_only_the_best_trials_keep_their_best_weights(finished_search):
+    """search.keep_best_checkpoints (3 by default): 3 slim checkpoints are all that is left of 6 trials."""
+    from hamtune.train import TrainConfig, build_model, load_state
+
+    tmp, spec, outcome, _ = finished_search
+    exp = tmp / "results" / "tiny"
+    trials, _ = res.load_tables(exp)
+    left = sorted(str(p) for p in (exp / "tune").glob("*/checkpoint_*"))
+    kept = trials.dropna(subset=["best_checkpoint"])
+    assert len(left) == 3 and sorted(kept["best_checkpoint"]) == left
+    ranked = trials.sort_values("best_val_balanced_accuracy", ascending=False, kind="stable")
+    assert set(kept["trial_id"]) == set(ranked["trial_id"].head(3))
+    for row in kept.itertuples():
+        state = load_state(Path(row.best_checkpoint) / "state.pt")
+        assert sorted(state) == ["config", "epoch", "format", "history", "model"]  # no optimiser state, no RNGs
+        assert state["epoch"] == row.best_epoch
+    model = build_model(TrainConfig.from_dict(load_state(Path(left[0]) / "state.pt")["config"]))
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    total = sum(f.stat().st_size for f in exp.rglob("*") if f.is_file())
+    checkpoint_bytes = sum(f.stat().st_size for p in left for f in Path(p).rglob("*") if f.is_file())
+    # each kept checkpoint is its weights plus a little pickling; everything else (tables, plots, Tune's logs) is small
+    assert checkpoint_bytes < 3 * weights * 1.05 + 3 * 50_000
+    assert total - checkpoint_bytes < 3_000_000, f"{total - checkpoint_bytes} bytes besides the checkpoints"
+    print(f"experiment folder: {total / 1e6:.1f} MB, of it {checkpoint_bytes / 1e6:.1f} MB in 3 checkpoints "
+          f"({weights / 1e6:.1f} MB of weights each)")
+
+
+def test_best_retrain_works_with_the_pruned_checkpoints(finished_search):
+    tmp, *_ = finished_search
+    done = subprocess.run([sys.executable, "-m", "hamtune.cli", "best", "tiny", "--retrain", "--epochs", "1",
+                           "--results-dir", str(tmp / "results")], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint (best epoch of the search)" in done.stdout
