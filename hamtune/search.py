@@ -56,7 +56,6 @@ TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, EXPERIMENT_TAG, SHOUL
 log = logging.getLogger("hamtune")
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Searcher, scheduler, results callback
 

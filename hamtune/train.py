@@ -219,6 +219,7 @@ def train_one_epoch(
 
         steps = tqdm(steps, desc=f"epoch {epoch}", leave=False)
     cuda = device.type == "cuda"
+    prefetch = prefetch and device.type in ("cpu", "cuda")  # other backends (mps): in line, as before
     augment_ahead = prefetch and not cuda and (augment is None or generator is not None)
     copy_stream = torch.cuda.Stream(device) if prefetch and cuda else None
 
