@@ -48,6 +48,10 @@ def check_weights(model: str, pretrained: bool | str) -> None:
         _cached_weights(model)
     elif isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
+        if not path.is_absolute():
+            # Tune runs each trial in its own folder, so a relative path would find the file here and not there
+            raise HamtuneError(f"pretrained: weights file {pretrained!r} is a relative path; trials run in other "
+                               f"folders, so give an absolute path (such as {str(path.absolute())!r})")
         if not path.is_file():
             raise HamtuneError(f"pretrained: weights file {str(path)!r} does not exist")
 

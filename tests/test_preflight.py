@@ -68,9 +68,12 @@ def test_weight_requests_cover_fixed_and_searched_values():
     assert weight_requests({}, {}) == []  # the defaults: resnet10t, pretrained false
 
 
-def test_an_existing_weights_file_passes(tmp_path):
+def test_an_existing_weights_file_passes(tmp_path, monkeypatch):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")  # the preflight checks presence; reading it is the trial's job
     check_on_driver({"pretrained": str(weights)}, {})
     with pytest.raises(HamtuneError, match="does not exist"):
         check_on_driver({"pretrained": str(tmp_path / "other.pth")}, {})
+    monkeypatch.chdir(tmp_path)  # the file is there, but a trial runs in its own folder: refused whatever the driver sees
+    with pytest.raises(HamtuneError, match="'w.pth' is a relative path; trials run in other folders"):
+        check_on_driver({"pretrained": "w.pth"}, {})
