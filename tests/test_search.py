@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,3 +338,37 @@ def test_best_retrain_works_with_the_pruned_checkpoints(finished_search):
                            "--results-dir", str(tmp / "results")], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "checkpoint (best epoch of the search)" in done.stdout
+
+
+def test_weights_gone_after_the_preflight_fail_the_trial_with_the_node_named(tmp_path, ray_local, monkeypatch):
+    """What a node that joins after the preflight meets: the trial checks the weights itself, before epoch 1.
+
+    The weights file exists when the driver checks it and is deleted as soon as the data is prepared (after the
+    preflight, before any trial starts), as it would be missing on a node the preflight never saw.
+    """
+    import ray
+
+    import hamtune.data.cache
+    from hamtune.search import run_search
+    from hamtune.space import spec_from_dict
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"present for the preflight only")
+    real_prepare = hamtune.data.cache.prepare
+
+    def prepare_then_delete(*args, **kwargs):
+        data = real_prepare(*args, **kwargs)
+        weights.unlink()
+        return data
+
+    monkeypatch.setattr(hamtune.data.cache, "prepare", prepare_then_delete)
+    raw = tiny_spec(tmp_path, tmp_path / "cache", **{
+        "experiment": "late-node", "model.pretrained": str(weights), "search.searcher": "random",
+        "search.scheduler": "fifo", "search.num_samples": 1, "train.epochs": 1})
+    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
+    assert not weights.exists()
+    (status, message), = outcome.trials[["status", "message"]].itertuples(index=False)
+    node_id = ray.nodes()[0]["NodeID"]
+    assert status == "error"
+    assert re.fullmatch(rf"on node [0-9.]+ \(node id {node_id[:12]}\): pretrained: weights file "
+                        rf"'{re.escape(str(weights))}' does not exist", message), message
