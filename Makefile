@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hamtune-installed
 
-.PHONY: search test bench install check-python smoke-second-python clean
+.PHONY: search test bench bench-payoff install check-python smoke-second-python clean
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys' 2>/dev/null || \
@@ -41,6 +41,10 @@ smoke-second-python:
 	$(SECOND_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(SECOND_VENV)/bin/python -m pip install --quiet -e .
 	cd $$(mktemp -d) && $(CURDIR)/$(SECOND_VENV)/bin/hamtune search --smoke-test --space $(CURDIR)/search_spaces/default.yaml
+
+# The search-payoff study on real HAM10000 (../shared/data/ham10000-200x150): about an hour on 2 cores from scratch.
+bench-payoff: $(STAMP)
+	$(BIN)/python bench/search_payoff.py
 
 clean:
 	rm -rf $(VENV) $(SECOND_VENV) .pytest_cache build *.egg-info

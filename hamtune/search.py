@@ -97,8 +97,9 @@ def make_searcher(spec: SearchSpec):
         return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(5, max(1, s.num_samples // 3))) \
-        if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
+    sampler = optuna.samplers.TPESampler(
+        seed=s.seed, n_startup_trials=min(s.startup_trials, s.num_samples), multivariate=s.multivariate,
+        constant_liar=s.constant_liar) if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
     return PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs)
 
 

@@ -44,6 +44,9 @@ class SearchSettings:
     max_concurrent: int = 2
     searcher: str = "optuna"  # optuna | random
     sampler: str = "tpe"  # tpe | random (the Optuna sampler)
+    startup_trials: int = 5  # TPE samples at random until this many trials have finished (capped at num_samples)
+    multivariate: bool = True  # TPE models the hyperparameters jointly (Optuna 5's default)
+    constant_liar: bool = True  # TPE treats running trials as bad so concurrent suggestions differ (Optuna 5's default)
     seed: int = 0
     scheduler: str = "asha"  # asha | fifo
     grace_period: int = 1
@@ -194,6 +197,7 @@ def _validate(spec: SearchSpec, source: str) -> None:
     _check(s.metric in metrics, source, "search.metric", s.metric, f"one of {', '.join(metrics)}")
     _check(s.searcher in ("optuna", "random"), source, "search.searcher", s.searcher, "'optuna' or 'random'")
     _check(s.sampler in ("tpe", "random"), source, "search.sampler", s.sampler, "'tpe' or 'random'")
+    _check(isinstance(s.startup_trials, int) and s.startup_trials >= 0, source, "search.startup_trials", s.startup_trials, "an integer >= 0")
     _check(s.scheduler in ("asha", "fifo"), source, "search.scheduler", s.scheduler, "'asha' or 'fifo'")
     _check(isinstance(s.grace_period, int) and 1 <= s.grace_period <= spec.max_epochs, source, "search.grace_period", s.grace_period, f"an integer in [1, train.epochs={spec.max_epochs}]")
     _check(isinstance(s.reduction_factor, int) and s.reduction_factor >= 2, source, "search.reduction_factor", s.reduction_factor, "an integer >= 2")
