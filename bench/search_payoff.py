@@ -131,8 +131,9 @@ def load_data():
 def record(max_configs: int | None = None, deadline: float | None = None) -> dict:
     import torch
 
-    from hamtune.results import atomic_write_json
-    from hamtune.train import TrainConfig, fit
+    from hamtune.io import atomic_write_json
+    from hamtune.config import TrainConfig
+    from hamtune.train import fit
 
     torch.set_num_threads(1)
     train, val, info = load_data()
@@ -308,7 +309,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hamtune.results import save_figure
+    from hamtune.io import save_figure
 
     colours = {"TPE+ASHA": "tab:blue", "random+ASHA": "tab:green", "TPE+FIFO": "tab:purple",
                "random+FIFO": "tab:orange"}
@@ -339,7 +340,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def replay_main(args) -> None:
-    from hamtune.results import atomic_write_json
+    from hamtune.io import atomic_write_json
     from hamtune.search import init_ray
 
     info = json.loads((OUT / "data.json").read_text())
