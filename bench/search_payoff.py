@@ -42,8 +42,11 @@ SUBSAMPLE_SEED = 0
 METRIC = "val_balanced_accuracy"
 TOLERANCE = 0.01
 # The product's space (search_spaces/default.yaml minus weight_decay, fixed here) and the grid it is snapped to.
-LR_RANGE = (3.0e-4, 3.0e-2)
-LR_CELLS = 6  # equal widths on the log scale: a third of a decade each
+# lr cells are a third of a decade wide; the full grid has 6 over 3e-4..3e-2, recorded middle cells first, and a
+# replay may use the inner 4 (6.5e-4..1.4e-2) when the machine did not afford all of them (--lr-cells).
+LR_FULL_RANGE = (3.0e-4, 3.0e-2)
+LR_FULL_CELLS = 6
+LR_CELLS = 6  # set by --lr-cells
 AUGMENT_CELLS = 2  # [0, 0.5) and [0.5, 1]
 IMBALANCE = ["none", "weighted_loss", "oversample", "focal"]
 FIXED_TRAIN = {"model": "resnet10t", "pretrained": False, "head_hidden": 128, "head_dropout": 0.2,
@@ -59,10 +62,19 @@ KEEP = ("epoch", "train_loss", "val_loss", "val_accuracy", METRIC, "val_macro_f1
 # The grid
 
 
+def lr_range() -> tuple[float, float]:
+    """The searched lr range: the full range, less (6 - LR_CELLS) / 2 outer cells at each end."""
+    lo, hi = (math.log10(x) for x in LR_FULL_RANGE)
+    drop = (LR_FULL_CELLS - LR_CELLS) / 2 * (hi - lo) / LR_FULL_CELLS
+    return 10 ** (lo + drop), 10 ** (hi - drop)
+
+
 def lr_grid() -> list[float]:
-    lo, hi = (math.log10(x) for x in LR_RANGE)
-    width = (hi - lo) / LR_CELLS
-    return [float(f"{10 ** (lo + width * (k + 0.5)):.3g}") for k in range(LR_CELLS)]
+    lo, hi = (math.log10(x) for x in LR_FULL_RANGE)
+    width = (hi - lo) / LR_FULL_CELLS
+    full = [float(f"{10 ** (lo + width * (k + 0.5)):.3g}") for k in range(LR_FULL_CELLS)]
+    drop = (LR_FULL_CELLS - LR_CELLS) // 2
+    return full[drop:LR_FULL_CELLS - drop]
 
 
 def augment_grid() -> list[float]:
@@ -71,7 +83,7 @@ def augment_grid() -> list[float]:
 
 def snap(config: dict) -> dict:
     """The grid cell a sampled config falls in: lr by log-scale bin, augment_strength by linear bin."""
-    lo, hi = (math.log10(x) for x in LR_RANGE)
+    lo, hi = (math.log10(x) for x in lr_range())
     k = min(LR_CELLS - 1, max(0, int((math.log10(config["lr"]) - lo) / (hi - lo) * LR_CELLS)))
     a = min(AUGMENT_CELLS - 1, max(0, int(config["augment_strength"] * AUGMENT_CELLS)))
     return {"lr": lr_grid()[k], "augment_strength": augment_grid()[a], "imbalance": config["imbalance"]}
@@ -220,7 +232,7 @@ def make_spec(method: str, seed: int, settings: dict):
         "train": {k: v for k, v in FIXED_TRAIN.items() if k != "num_threads"},
         "search": {"num_samples": TRIALS, "metric": METRIC, "mode": "max", "max_concurrent": MAX_CONCURRENT,
                    "seed": seed, **METHODS[method], **settings},
-        "space": {"lr": {"loguniform": list(LR_RANGE)}, "augment_strength": {"uniform": [0.0, 1.0]},
+        "space": {"lr": {"loguniform": list(lr_range())}, "augment_strength": {"uniform": [0.0, 1.0]},
                   "imbalance": {"choice": list(IMBALANCE)}},
     }
     return spec_from_dict(raw, source="bench/search_payoff.py")
@@ -369,7 +381,7 @@ def replay_main(args) -> None:
             print(f"variant {name}: {variants[name]['fraction_median']} on {variants[name]['seeds_reached']} seeds",
                   flush=True)
     replay_wall = time.monotonic() - started
-    recorded = [json.loads(p.read_text()) for p in CURVES.glob("*.json")]
+    recorded = list(by_cell.values())  # the cells of this replay's grid
     record_s = sum(c["wall_s"] for c in recorded)
     best_cells = sorted(recorded, key=lambda c: -max(h[METRIC] for h in c["history"]))[:3]
     out = {
@@ -431,7 +443,7 @@ def section(out: dict, load_at_start: str) -> str:
         f"Stage 2 (replay): the real Ray Tune searchers and schedulers, built by hamtune.search.make_searcher / "
         f"make_scheduler from a hamtune spec (OptunaSearch is hamtune's PruningAwareOptunaSearch; random is Tune's "
         f"BasicVariantGenerator, as `searcher: random`), sample the product's own continuous space (lr "
-        f"log-uniform {LR_RANGE[0]:g}-{LR_RANGE[1]:g}, augment_strength uniform 0-1, imbalance a choice of 4); "
+        f"log-uniform {lr_range()[0]:.2g}-{lr_range()[1]:.2g}, augment_strength uniform 0-1, imbalance a choice of 4); "
         f"a replay trainable snaps lr and augment_strength to the grid cell they fall in (equal-width bins on the "
         f"sampled scale: a third of a decade of lr, halves of augment_strength) and reports that cell's recorded "
         f"per-epoch metrics, sleeping {TIME_SCALE:g} x the recorded epoch time so that the {MAX_CONCURRENT} "
@@ -489,6 +501,8 @@ def main() -> None:
     parser.add_argument("--max-configs", type=int, default=None, help="record at most this many new curves")
     parser.add_argument("--deadline", default=None, help="stop recording new curves after this UTC time (HH:MM)")
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    parser.add_argument("--lr-cells", type=int, choices=(2, 4, 6), default=6,
+                        help="replay over the inner 2/4 or all 6 lr cells (record always works through all 6)")
     parser.add_argument("--no-variants", action="store_true", help="replay only the four methods")
     parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args()
@@ -502,6 +516,8 @@ def main() -> None:
     if args.stage in ("record", "all"):
         record(args.max_configs, deadline)
     if args.stage in ("replay", "all"):
+        global LR_CELLS
+        LR_CELLS = args.lr_cells
         replay_main(args)
 
 
