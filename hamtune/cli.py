@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cpus-per-trial", type=float)
     search.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.5")
     search.add_argument("--seed", type=int, help="searcher seed")
+    search.add_argument("--warm-start", metavar="EXPERIMENT",
+                        help="seed the searcher with an earlier experiment's finished trials (configs and results)")
     search.add_argument("--address", help="join a running Ray cluster (e.g. 'auto'); default: local Ray on 127.0.0.1")
     search.add_argument("--storage-path", help="shared storage for a multi-node cluster (s3://..., gs://..., NFS path)")
     search.add_argument("--results-dir", type=Path, default=Path("results"))
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--top", type=int, help="show only the best N trials")
     results.add_argument("--sort", help="column to rank by (default: the experiment's metric)")
     results.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    results.add_argument("--importance", action="store_true",
+                         help="hyperparameter importance (Optuna's fANOVA) printed and plotted to importance.png")
     results.add_argument("--results-dir", type=Path, default=Path("results"))
 
     # best / evaluate / predict -------------------------------------------------------------------------------
@@ -169,6 +173,9 @@ def cmd_search(args) -> int:
                           "data.synthetic_size": 300, "data.image_size": 16, "search.grace_period": 1})
         if not args.name:
             overrides["experiment"] = "smoke-test"
+    if args.resume is not None and args.warm_start:
+        raise HamtuneError("--warm-start starts a new search; --resume continues one with the searcher it had")
+    warm_start = res.experiment_dir(args.warm_start, args.results_dir) if args.warm_start else None
     if args.resume is not None:
         if args.space:
             raise HamtuneError("--resume continues an experiment with its own recorded spec; drop --space")
@@ -191,11 +198,17 @@ def cmd_search(args) -> int:
     from hamtune.search import run_search
 
     outcome = run_search(spec, results_dir=args.results_dir, address=args.address, storage_path=args.storage_path,
-                         resume=args.resume is not None)
+                         resume=args.resume is not None, warm_start=warm_start)
+    from hamtune.payoff import compute_payoff, describe_payoff
+
     board = res.leaderboard(outcome.trials, metric=spec.search.metric, mode=spec.search.mode, top=10)
+    record = res.read_experiment(outcome.exp_dir)
     print()
-    print(f"experiment {spec.experiment}: {outcome.state} in {outcome.wall_time_s:.0f} s, {len(outcome.trials)} trials "
-          f"({', '.join(f'{n} {s}' for s, n in outcome.trials['status'].value_counts().items())})")
+    print(f"experiment {spec.experiment}: {outcome.state} in {outcome.wall_time_s:.0f} s"
+          + (f", warm-started from {warm_start.name}" if warm_start else ""))
+    _, history = res.load_tables(outcome.exp_dir)
+    for line in describe_payoff(compute_payoff(outcome.trials, history, record)):
+        print(line)
     print(res.format_table(board))
     print(f"\ntables and plots: {outcome.exp_dir}/  (hamtune results {spec.experiment}; hamtune best {spec.experiment} --retrain)")
     if outcome.state != "finished":
@@ -207,6 +220,8 @@ def cmd_search(args) -> int:
 def cmd_results(args) -> int:
     from hamtune import results as res
 
+    if not args.name and args.importance:
+        raise HamtuneError("--importance needs an experiment: hamtune results NAME --importance")
     if not args.name:
         experiments = res.list_experiments(args.results_dir)
         if not experiments:
@@ -218,11 +233,26 @@ def cmd_results(args) -> int:
         return 0
     exp_dir = res.experiment_dir(args.name, args.results_dir)
     record = res.read_experiment(exp_dir)
-    trials, _ = res.load_tables(exp_dir)
+    trials, history = res.load_tables(exp_dir)
     board = res.leaderboard(trials, metric=record["metric"], mode=record["mode"], sort=args.sort, top=args.top)
     if args.format == "table":
-        print(f"{record['name']}: {record.get('state')}, {len(trials)} trials, metric {record['metric']} ({record['mode']})")
+        from hamtune.payoff import compute_payoff, describe_payoff
+
+        print(f"{record['name']}: {record.get('state')}, {len(trials)} trials, metric {record['metric']} ({record['mode']})"
+              + (f", warm-started from {record['warm_start']['experiment']}" if record.get("warm_start") else ""))
+        for line in describe_payoff(compute_payoff(trials, history, record)):
+            print(line)
     print(res.format_table(board, args.format))
+    if args.importance:
+        from hamtune.payoff import IMPORTANCE_FILE, describe_importance, param_importance, plot_importance
+
+        importance, what = param_importance(trials, record)
+        print()
+        print(what)
+        if importance is not None:
+            print("\n".join(describe_importance(importance)))
+            path = plot_importance(importance, exp_dir / IMPORTANCE_FILE, f"{record['name']}: {what.split(' (')[0]}")
+            print(f"wrote {path}")
     return 0
 
 

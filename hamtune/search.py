@@ -67,9 +67,18 @@ class PruningAwareOptunaSearch(OptunaSearch):
     cut at epoch 1 as if its epoch-1 score were final.
     """
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+    def __init__(self, *args, max_epochs: int, warm_start: list | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+        self._warm_start = list(warm_start or [])  # hamtune.payoff.WarmPoint: an earlier search's finished trials
+
+    def _setup_study(self, mode):
+        """Tune builds the study once it knows the space; the earlier search's trials go in before any suggestion."""
+        super()._setup_study(mode)
+        for point in self._warm_start:
+            self.add_evaluated_point(point.params, point.value, pruned=point.pruned,
+                                     intermediate_values=point.intermediate_values)
+        self._warm_start = []  # in the study now (and in the searcher's saved state, for a resume)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials or not result:
@@ -88,7 +97,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(spec: SearchSpec):
+def make_searcher(spec: SearchSpec, warm_start: list | None = None):
     s = spec.search
     if s.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -100,7 +109,8 @@ def make_searcher(spec: SearchSpec):
     sampler = optuna.samplers.TPESampler(
         seed=s.seed, n_startup_trials=min(s.startup_trials, s.num_samples), multivariate=s.multivariate,
         constant_liar=s.constant_liar) if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    return PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs)
+    return PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs,
+                                    warm_start=warm_start)
 
 
 def make_scheduler(spec: SearchSpec):
@@ -256,8 +266,11 @@ def uses_meta(spec: SearchSpec) -> bool:
 
 def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
                storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
-               verbose: int = 1, reuse_actors: bool = True) -> SearchOutcome:
-    """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the leaderboard."""
+               verbose: int = 1, reuse_actors: bool = True, warm_start: Path | None = None) -> SearchOutcome:
+    """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the leaderboard.
+
+    warm_start: an earlier experiment's folder; its finished trials seed the searcher (hamtune.payoff).
+    """
     exp_dir = results_dir / spec.experiment
     record_path = exp_dir / res.EXPERIMENT_FILE
     if resume:
@@ -267,6 +280,14 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     elif record_path.is_file():
         raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': continue it with "
                            f"`hamtune search --resume {spec.experiment}` or start another with --name NEW_NAME")
+    warm_points, warm_record = None, None
+    if warm_start is not None:
+        from hamtune.payoff import warm_start_points
+
+        if resume:
+            raise HamtuneError("--warm-start starts a new search; a resumed one keeps the searcher it had")
+        warm_points = warm_start_points(warm_start, res.read_experiment(warm_start), spec)
+        warm_record = {"experiment": warm_start.name, "path": str(warm_start.resolve()), "trials": len(warm_points)}
     trial_resources = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
     if not address:
         preflight.check_on_driver(spec.train, spec.space)  # local trials see this machine's files and caches
@@ -294,6 +315,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         "storage_path": storage_path, "data": {"fingerprint": data.fingerprint, "cache": str(data.path),
                                                 "sizes": data.split_sizes()},
         "max_epochs": spec.max_epochs, "searched": spec.searched_keys(),
+        "warm_start": warm_record if not resume else previous.get("warm_start"),
     }
     atomic_write_json(record_path, record)
 
@@ -310,7 +332,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
             trainable,
             param_space=spec.tune_space(),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec), scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
+                search_alg=make_searcher(spec, warm_points), scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors,
                 **({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
                    else {"metric": spec.search.metric, "mode": spec.search.mode})),
@@ -342,6 +364,9 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     finished = bool(done.all()) and len(trials) >= spec.search.num_samples
     record.update(state="finished" if finished else "interrupted", updated=_now(),
                   wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
+    from hamtune.payoff import compute_payoff
+
+    record["payoff"] = compute_payoff(trials, history, record).to_dict()
     atomic_write_json(record_path, record)
     try:
         res.write_search_plots(exp_dir, trials, history, metric=spec.search.metric, params=spec.searched_keys())

@@ -152,7 +152,8 @@ def test_results_command_prints_leaderboard(finished_search):
     board = run("tiny", "--top", "3")
     assert board.returncode == 0, board.stderr
     lines = board.stdout.strip().splitlines()
-    assert len(lines) == 2 + 3  # title, header, 3 trials
+    assert lines[-4].split()[0] == "trial_id" and len(lines[-3:]) == 3  # ... header, 3 trials
+    assert "trial-epochs:" in board.stdout  # the payoff lines between the title and the table
     csv = run("tiny", "--format", "csv", "--sort", "config.lr")
     table = pd.read_csv(__import__("io").StringIO(csv.stdout))
     assert list(table["lr"]) == sorted(table["lr"])
