@@ -68,6 +68,9 @@ def test_all_distribution_forms_accepted():
     (lambda r: r["search"].update(metric="val_auc"), "search.metric = 'val_auc'"),
     (lambda r: r["search"].update(num_samples=0), "search.num_samples = 0"),
     (lambda r: r["search"].update(grace_period=99), "search.grace_period = 99"),
+    (lambda r: r["search"].update(startup_trials=-1), "search.startup_trials = -1"),
+    (lambda r: r["search"].update(multivariate="yes"), "search.multivariate = 'yes' has the wrong type"),
+    (lambda r: r["search"].update(constant_liar=1), "search.constant_liar = 1 has the wrong type"),
     (lambda r: r["resources"].update(gpu=1.5), "resources.gpu = 1.5"),
     (lambda r: r["data"].update(image_size="big"), "data.image_size = 'big' has the wrong type"),
     (lambda r: r["data"].update(val=0.6, test=0.5), "val + test < 1"),
@@ -108,3 +111,14 @@ def test_recorded_spec_round_trips():
     again = spec_from_dict(spec.to_dict(), source="experiment.json")
     assert again.to_dict() == spec.to_dict()
     assert again.data.cache_dir is None
+
+
+def test_tpe_settings_reach_optunas_sampler():
+    from hamtune.search import make_searcher
+
+    raw = base_spec()
+    raw["search"].update(startup_trials=7, multivariate=False, constant_liar=False, num_samples=20)
+    sampler = make_searcher(spec_from_dict(raw))._sampler
+    assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (7, False, False)
+    raw["search"].update(num_samples=4)  # never more start-up trials than trials
+    assert make_searcher(spec_from_dict(raw))._sampler._n_startup_trials == 4
