@@ -387,6 +387,7 @@ def replay_main(args) -> None:
         "variants": {},
         "record_s": round(sum(c["wall_s"] for c in recorded), 1), "replay_s": None,
         "record_min_s": round(min(c["wall_s"] for c in recorded), 1),
+        "rank_correlation": rank_correlation(recorded),
         "load_at_start": load_at_start,
         "runs": {m: [{k: v for k, v in r.items() if k != "best_so_far"} for r in runs] for m, runs in results.items()},
     }
@@ -407,6 +408,16 @@ def replay_main(args) -> None:
                   f"{out['variants'][name]['seeds_reached']} seeds", flush=True)
             save()
     common.publish(HEADING, section(out, load_at_start), dry_run=args.dry_run)
+
+
+def rank_correlation(recorded: list[dict]) -> list[float]:
+    """Spearman correlation, over the grid's cells, between the metric at epoch e and the cell's best over all
+    epochs: how well an early rung ranks configurations (what ASHA's grace period and rungs rely on)."""
+    import pandas as pd
+
+    m = pd.DataFrame([[h[METRIC] for h in c["history"]] for c in recorded if len(c["history"]) == MAX_EPOCHS])
+    best = m.max(axis=1)
+    return [round(float(m[e].corr(best, method="spearman")), 3) for e in m.columns]
 
 
 def report_main(args) -> None:
@@ -487,6 +498,10 @@ def section(out: dict, load_at_start: str) -> str:
         f"random+FIFO reference):\n",
         common.md_table(["variant", "settings", "fraction, median", "seeds within 1/3", "trial-epochs, median",
                          "final best, median"], variant_rows),
+        (f"How early a rung can judge: Spearman rank correlation, over the {out['grid']['cells']} cells, between "
+         f"the val balanced accuracy at epoch e and the cell's best over {MAX_EPOCHS} epochs: "
+         + ", ".join(f"epoch {e + 1}: {r:.2f}" for e, r in enumerate(out["rank_correlation"])) + ".\n"
+         if out.get("rank_correlation") else ""),
         f"The three best cells of the grid (the ceiling any method can reach): "
         + "; ".join(f"lr {c['lr']:g}, augment {c['augment_strength']:g}, {c['imbalance']}: {c['best']:.3f}"
                     for c in out["best_cells"]) + ".\n",
