@@ -185,7 +185,7 @@ def load_curves(data_key: str) -> dict[tuple, dict]:
 TRIALS = 24
 SEEDS = [0, 1, 2, 3, 4]
 MAX_CONCURRENT = 2  # as search_spaces/default.yaml
-TIME_SCALE = 0.01  # a replayed epoch sleeps this fraction of its recorded time, so concurrent trials interleave
+TIME_SCALE = 0.003  # a replayed epoch sleeps this fraction of its recorded time, so concurrent trials interleave
 # The settings of the four-method comparison: search_spaces/default.yaml's before this study (Optuna 5's TPE
 # defaults: multivariate, constant liar; start-up min(5, num_samples // 3) = 5 for 24 trials).
 BASE = {"grace_period": 2, "reduction_factor": 2, "startup_trials": 5, "multivariate": True, "constant_liar": True}
@@ -198,7 +198,7 @@ METHODS = {
 # TPE+ASHA variants tried in replay, each one change from BASE (a combination is added from the winners).
 VARIANTS = {
     "grace 1": {"grace_period": 1}, "grace 3": {"grace_period": 3},
-    "reduction 3": {"reduction_factor": 3}, "reduction 4": {"reduction_factor": 4},
+    "reduction 3": {"reduction_factor": 3},
     "grace 1, reduction 3": {"grace_period": 1, "reduction_factor": 3},
     "start-up 3": {"startup_trials": 3}, "start-up 10": {"startup_trials": 10},
     "independent TPE": {"multivariate": False}, "no constant liar": {"constant_liar": False},
