@@ -196,6 +196,11 @@ METHODS = {
     "random+FIFO": {"searcher": "random", "scheduler": "fifo"},
 }
 # TPE+ASHA variants tried in replay, each one change from BASE (a combination is added from the winners).
+# search_spaces/default.yaml's size (10 trials of 8 epochs): the trial-epochs ASHA spends with each candidate.
+SIZING = {"grace 2, reduction 2": {"grace_period": 2, "reduction_factor": 2},
+          "grace 1, reduction 2": {"grace_period": 1, "reduction_factor": 2},
+          "grace 2, reduction 3": {"grace_period": 2, "reduction_factor": 3},
+          "grace 1, reduction 3": {"grace_period": 1, "reduction_factor": 3}}
 VARIANTS = {
     "grace 1": {"grace_period": 1}, "grace 3": {"grace_period": 3},
     "reduction 3": {"reduction_factor": 3},
@@ -224,13 +229,14 @@ def replay_trial(config: dict, *, curves: dict, scale: float) -> None:
 
 
 def make_spec(method: str, seed: int, settings: dict):
+    """A hamtune spec for one replayed search; settings may also change num_samples (the default's sizing)."""
     from hamtune.space import spec_from_dict
 
     raw = {
         "experiment": f"payoff-{method.replace('+', '-')}-seed{seed}",
         "data": {"image_size": IMAGE_SIZE},  # unused: the replay trainable holds the recorded curves
         "train": {k: v for k, v in FIXED_TRAIN.items() if k != "num_threads"},
-        "search": {"num_samples": TRIALS, "metric": METRIC, "mode": "max", "max_concurrent": MAX_CONCURRENT,
+        "search": {"num_samples": settings.get("num_samples", TRIALS), "metric": METRIC, "mode": "max", "max_concurrent": MAX_CONCURRENT,
                    "seed": seed, **METHODS[method], **settings},
         "space": {"lr": {"loguniform": list(lr_range())}, "augment_strength": {"uniform": [0.0, 1.0]},
                   "imbalance": {"choice": list(IMBALANCE)}},
@@ -407,6 +413,15 @@ def replay_main(args) -> None:
             print(f"variant {name}: {out['variants'][name]['fraction_median']} on "
                   f"{out['variants'][name]['seeds_reached']} seeds", flush=True)
             save()
+        out["sizing"] = {}
+        for name, change in SIZING.items():
+            runs = [replay("TPE+ASHA", seed, {**BASE, **change, "num_samples": 10}, curves, scratch)
+                    for seed in args.seeds]
+            out["sizing"][name] = {"trial_epochs": [r["trial_epochs"] for r in runs],
+                                   "stopped": [r["trials"] - r["ran_all_epochs"] for r in runs],
+                                   "best": [round(r["best"], 4) for r in runs]}
+            print(f"sizing {name}: {out['sizing'][name]}", flush=True)
+            save()
     common.publish(HEADING, section(out, load_at_start), dry_run=args.dry_run)
 
 
@@ -498,6 +513,11 @@ def section(out: dict, load_at_start: str) -> str:
         f"random+FIFO reference):\n",
         common.md_table(["variant", "settings", "fraction, median", "seeds within 1/3", "trial-epochs, median",
                          "final best, median"], variant_rows),
+        ("Sizing the default (search_spaces/default.yaml runs 10 trials of at most 8 epochs): TPE+ASHA replayed "
+         "here with 10 trials, trial-epochs spent of 80 and trials stopped early, per seed: "
+         + "; ".join(f"{k}: {', '.join(map(str, v['trial_epochs']))} (median {np.median(v['trial_epochs']):.0f}; "
+                     f"stopped {', '.join(map(str, v['stopped']))})" for k, v in out["sizing"].items()) + ".\n"
+         if out.get("sizing") else ""),
         (f"How early a rung can judge: Spearman rank correlation, over the {out['grid']['cells']} cells, between "
          f"the val balanced accuracy at epoch e and the cell's best over {MAX_EPOCHS} epochs: "
          + ", ".join(f"epoch {e + 1}: {r:.2f}" for e, r in enumerate(out["rank_correlation"])) + ".\n"
