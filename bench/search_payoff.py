@@ -236,7 +236,8 @@ def make_spec(method: str, seed: int, settings: dict):
         "experiment": f"payoff-{method.replace('+', '-')}-seed{seed}",
         "data": {"image_size": IMAGE_SIZE},  # unused: the replay trainable holds the recorded curves
         "train": {k: v for k, v in FIXED_TRAIN.items() if k != "num_threads"},
-        "search": {"num_samples": settings.get("num_samples", TRIALS), "metric": METRIC, "mode": "max", "max_concurrent": MAX_CONCURRENT,
+        "search": {"num_samples": settings.get("num_samples", TRIALS), "metric": METRIC, "mode": "max",
+                   "max_concurrent": MAX_CONCURRENT,
                    "seed": seed, **METHODS[method], **settings},
         "space": {"lr": {"loguniform": list(lr_range())}, "augment_strength": {"uniform": [0.0, 1.0]},
                   "imbalance": {"choice": list(IMBALANCE)}},
@@ -484,7 +485,8 @@ def section(out: dict, load_at_start: str) -> str:
         f"Stage 2 (replay): the real Ray Tune searchers and schedulers, built by hamtune.search.make_searcher / "
         f"make_scheduler from a hamtune spec (OptunaSearch is hamtune's PruningAwareOptunaSearch; random is Tune's "
         f"BasicVariantGenerator, as `searcher: random`), sample the product's own continuous space (lr "
-        f"log-uniform {out['grid']['lr_range'][0]:.2g}-{out['grid']['lr_range'][1]:.2g}, augment_strength uniform 0-1, imbalance a choice of 4); "
+        f"log-uniform {out['grid']['lr_range'][0]:.2g}-{out['grid']['lr_range'][1]:.2g}, augment_strength "
+        f"uniform 0-1, imbalance a choice of 4); "
         f"a replay trainable snaps lr and augment_strength to the grid cell they fall in (equal-width bins on the "
         f"sampled scale: a third of a decade of lr, halves of augment_strength) and reports that cell's recorded "
         f"per-epoch metrics, sleeping {TIME_SCALE:g} x the recorded epoch time so that the {MAX_CONCURRENT} "

@@ -238,7 +238,8 @@ def cmd_results(args) -> int:
     if args.format == "table":
         from hamtune.payoff import compute_payoff, describe_payoff
 
-        print(f"{record['name']}: {record.get('state')}, {len(trials)} trials, metric {record['metric']} ({record['mode']})"
+        print(f"{record['name']}: {record.get('state')}, {len(trials)} trials, "
+              f"metric {record['metric']} ({record['mode']})"
               + (f", warm-started from {record['warm_start']['experiment']}" if record.get("warm_start") else ""))
         for line in describe_payoff(compute_payoff(trials, history, record)):
             print(line)

@@ -332,7 +332,8 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
             trainable,
             param_space=spec.tune_space(),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec, warm_points), scheduler=make_scheduler(spec), num_samples=spec.search.num_samples,
+                search_alg=make_searcher(spec, warm_points), scheduler=make_scheduler(spec),
+                num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors,
                 **({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
                    else {"metric": spec.search.metric, "mode": spec.search.mode})),

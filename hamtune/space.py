@@ -197,7 +197,8 @@ def _validate(spec: SearchSpec, source: str) -> None:
     _check(s.metric in metrics, source, "search.metric", s.metric, f"one of {', '.join(metrics)}")
     _check(s.searcher in ("optuna", "random"), source, "search.searcher", s.searcher, "'optuna' or 'random'")
     _check(s.sampler in ("tpe", "random"), source, "search.sampler", s.sampler, "'tpe' or 'random'")
-    _check(isinstance(s.startup_trials, int) and s.startup_trials >= 0, source, "search.startup_trials", s.startup_trials, "an integer >= 0")
+    _check(isinstance(s.startup_trials, int) and s.startup_trials >= 0, source, "search.startup_trials",
+           s.startup_trials, "an integer >= 0")
     _check(s.scheduler in ("asha", "fifo"), source, "search.scheduler", s.scheduler, "'asha' or 'fifo'")
     _check(isinstance(s.grace_period, int) and 1 <= s.grace_period <= spec.max_epochs, source, "search.grace_period", s.grace_period, f"an integer in [1, train.epochs={spec.max_epochs}]")
     _check(isinstance(s.reduction_factor, int) and s.reduction_factor >= 2, source, "search.reduction_factor", s.reduction_factor, "an integer >= 2")
