@@ -509,8 +509,8 @@ def section(out: dict, load_at_start: str) -> str:
         f"{_fmt_fraction(head)} of random+FIFO's trial-epochs (median over {len(out['seeds'])} seeds), within a "
         f"third on {head['seeds_within_third']} of {len(out['seeds'])} seeds, at all on {head['seeds_reached']}. "
         f"Goal (<= 1/3 median, reached on >= 4 of 5 seeds): {'met' if goal else 'MISSED'}"
-        f"{'' if strict else '; read strictly (within a third on >= 4 of 5 seeds): missed'}.** Anytime curves: `bench/search_payoff.png`. Raw figures: "
-        f"`bench/search_payoff.json`.\n",
+        f"{'' if strict else '; read strictly (within a third on >= 4 of 5 seeds): missed'}.** "
+        "Anytime curves: `bench/search_payoff.png`. Raw figures: `bench/search_payoff.json`.\n",
         "TPE+ASHA per seed:\n",
         common.md_table(["seed", "best", "trial-epochs", "ran all epochs", "grid cells visited", "to reach",
                          "fraction"], per_seed),
