@@ -207,6 +207,7 @@ VARIANTS = {
     "grace 1, reduction 3": {"grace_period": 1, "reduction_factor": 3},
     "start-up 3": {"startup_trials": 3}, "start-up 10": {"startup_trials": 10},
     "independent TPE": {"multivariate": False}, "no constant liar": {"constant_liar": False},
+    "reduction 3, start-up 10": {"reduction_factor": 3, "startup_trials": 10},
 }
 
 
