@@ -50,3 +50,16 @@ def tiny_synthetic_prepared(tiny_synthetic, tmp_path_factory):
 
     return prepare(tiny_synthetic, 16, cache_dir=tmp_path_factory.mktemp("tiny-synthetic-cache"), progress=False,
                    workers=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_between_modules():
+    """End any Ray a module started (in-process CLI searches leave theirs up), so the next module starts its own with
+    its own environment (Ray's workers inherit the variables of the process that started Ray)."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()

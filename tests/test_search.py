@@ -62,6 +62,7 @@ def ray_local(crash_marker):
 
     from hamtune.search import init_ray
 
+    ray.shutdown()  # a Ray left by an earlier module (an in-process CLI search) has workers without the crash switch
     init_ray(None, num_cpus=2)
     yield
     ray.shutdown()
