@@ -28,7 +28,7 @@ from hamtune.errors import HamtuneError
 from hamtune.modelfile import LoadedModel
 
 CAM_MIN_SIDE = 4  # smallest Grad-CAM map (pixels on a side) worth showing; see the module docstring
-ACCEPTED_FORMATS = ("JPEG", "PNG")  # what training reads (hamtune.data.ham10000.IMAGE_SUFFIXES)
+ACCEPTED_FORMATS = ("JPEG", "PNG")  # what training reads (hamtune.data.images.IMAGE_SUFFIXES)
 
 
 class ImageRejected(HamtuneError):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from hamtune.data import encode_meta, load_metadata, prepare
 from hamtune.data.explore import class_table
-from hamtune.data.cache import decode_image
+from hamtune.data.images import decode_image
 from hamtune.data.explore import write_exploration_plots
 from hamtune.data.ham10000 import CLASSES, LOCALIZATIONS, META_DIM, METADATA_COLUMNS, SEXES
 from hamtune.errors import HamtuneError

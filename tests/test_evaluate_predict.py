@@ -18,7 +18,8 @@ from hamtune.metrics import bootstrap_balanced_accuracy
 from hamtune.cli import main
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES
 from hamtune.errors import HamtuneError
-from hamtune.modelfile import load_model, save_model
+from hamtune.modelfile import load_model
+from model_fixtures import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared/data/ham10000-sample"
@@ -30,20 +31,7 @@ PROBS = [f"prob_{c}" for c in CLASSES]
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A real (briefly trained) resnet10t at 16 px saved as model.pt, as `best --retrain` saves it."""
-    from hamtune.data.arrays import SplitArrays
-    from hamtune.data.ham10000 import META_DIM
-    from hamtune.train import TrainConfig, fit
-
-    rng = np.random.default_rng(0)
-    labels = np.arange(64) % len(CLASSES)
-    images = (rng.integers(0, 60, (64, 16, 16, 3)) + labels[:, None, None, None] * 25).astype(np.uint8)
-    train = SplitArrays(images, labels.astype(np.int64), np.zeros((64, META_DIM), np.float32), np.arange(64))
-    config = TrainConfig(model="resnet10t", head_hidden=32, head_dropout=0.1, epochs=1, batch_size=16,
-                         warmup_epochs=0.0, device="cpu", num_threads=1)
-    result = fit(config, train, None)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(path, result.model, config=config.to_dict(), image_size=16, fingerprint="f" * 20)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from isic_fixtures import ISIC_COLUMNS, ground_truth_csv, isic_files, sample_table, serve
+from model_fixtures import save_tiny_model
 from scorer_env import official_score
 
 from hamtune.cli import main
@@ -61,11 +62,7 @@ def test_submission_scores_the_same_in_the_official_scorer(sample_dir, renamed, 
 @pytest.mark.slow
 def test_evaluate_on_the_downloaded_official_test_set_matches_the_official_scorer(sample_dir, renamed, tmp_path,
                                                                                     monkeypatch, capsys):
-    from hamtune.data.arrays import SplitArrays
     from hamtune.data.download import download
-    from hamtune.data.ham10000 import META_DIM
-    from hamtune.modelfile import save_model
-    from hamtune.train import TrainConfig, fit
 
     monkeypatch.setenv("HAMTUNE_DATA_DIR", str(tmp_path / "data"))
     code = main(["evaluate", "--model", str(tmp_path / "model.pt"), "--isic2018-test"])
@@ -75,14 +72,7 @@ def test_evaluate_on_the_downloaded_official_test_set_matches_the_official_score
         download("isic2018-test", None, server.base_url, expected=140, progress=False, echo=lambda line: None)
 
     # A briefly trained model (its quality does not matter, only that both scorers see the same predictions).
-    rng = np.random.default_rng(0)
-    labels = np.arange(64) % len(CLASSES)
-    images = (rng.integers(0, 60, (64, 16, 16, 3)) + labels[:, None, None, None] * 25).astype(np.uint8)
-    train = SplitArrays(images, labels.astype(np.int64), np.zeros((64, META_DIM), np.float32), np.arange(64))
-    config = TrainConfig(model="resnet10t", head_hidden=32, head_dropout=0.1, epochs=1, batch_size=16,
-                         warmup_epochs=0.0, device="cpu", num_threads=1)
-    model = tmp_path / "model" / "model.pt"
-    save_model(model, fit(config, train, None).model, config=config.to_dict(), image_size=16, fingerprint="f" * 20)
+    model = save_tiny_model(tmp_path / "model" / "model.pt")
 
     code = main(["evaluate", "--model", str(model), "--isic2018-test"])
     out, err = capsys.readouterr()

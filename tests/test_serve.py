@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from hamtune.cli import main
+from model_fixtures import save_tiny_model
 from hamtune.data.ham10000 import CLASSES, DIAGNOSES
 
 httpx = pytest.importorskip("httpx")
@@ -30,21 +31,7 @@ PROBS = [f"prob_{c}" for c in CLASSES]
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A real (briefly trained) resnet10t at 16 px saved as model.pt, as `best --retrain` saves it."""
-    from hamtune.data.arrays import SplitArrays
-    from hamtune.data.ham10000 import META_DIM
-    from hamtune.modelfile import save_model
-    from hamtune.config import TrainConfig
-    from hamtune.train import fit
-
-    rng = np.random.default_rng(0)
-    labels = np.arange(64) % len(CLASSES)
-    images = (rng.integers(0, 60, (64, 16, 16, 3)) + labels[:, None, None, None] * 25).astype(np.uint8)
-    train = SplitArrays(images, labels.astype(np.int64), np.zeros((64, META_DIM), np.float32), np.arange(64))
-    config = TrainConfig(model="resnet10t", head_hidden=32, head_dropout=0.1, epochs=1, batch_size=16,
-                         warmup_epochs=0.0, device="cpu", num_threads=1)
-    path = tmp_path_factory.mktemp("serve-model") / "model.pt"
-    save_model(path, fit(config, train, None).model, config=config.to_dict(), image_size=16, fingerprint="f" * 20)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("serve-model") / "model.pt")
 
 
 class Server(str):

@@ -30,7 +30,7 @@ from hamtune.data.ham10000 import (
     PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, encode_meta, make_problems, read_metadata, scan_source,
 )
 from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
-from hamtune.data.images import PREPROCESS_VERSION, decode_all, decode_image  # noqa: F401 - decode_image: public here too
+from hamtune.data.images import PREPROCESS_VERSION, decode_all
 from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, generate_synthetic
 from hamtune.data.workers import cpu_count
 from hamtune.errors import HamtuneError

@@ -11,7 +11,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
-from hamtune.data.images import IMAGE_SUFFIXES, walk_images
+from hamtune.data.images import walk_images
 from hamtune.errors import HamtuneError
 
 # One class order for the whole product: labels, model outputs, reports and saved models all use it.
@@ -200,7 +200,17 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
         meta[column] = meta[column].str.lower().replace("", "unknown")
     meta["label"] = meta["dx"].map({code: i for i, code in enumerate(CLASSES)}).astype("int64")
 
-    has_file = meta["image_id"].isin(files.images.keys())
+    return pair_with_files(meta, files, path, line.to_numpy(), id_column="image_id")
+
+
+def pair_with_files(meta: pd.DataFrame, files: SourceFiles, path: Path, line, *, id_column: str
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of a labels file (TABLE_COLUMNS) joined to the image files: (table + path sorted by image_id, problems).
+
+    Rows without a file and files without a row become problems (a run goes on without them); no match at all is
+    an error. `line` holds each row's line in `path`; `id_column` is what the file calls the image id.
+    """
+    has_file = meta["image_id"].isin(files.images.keys()).to_numpy()
     listed = set(meta["image_id"])
     problems = [
         ("missing_image", image_id, "", f"{path.name} line {n} lists it but no image file with that name was found")
@@ -211,14 +221,12 @@ def read_metadata(files: SourceFiles) -> tuple[pd.DataFrame, pd.DataFrame]:
         for image_id, file in sorted(files.images.items())
         if image_id not in listed
     ]
-
     table = meta.loc[has_file, list(TABLE_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
     table["path"] = [str(files.images[image_id]) for image_id in table["image_id"]]
     if table.empty:
         raise HamtuneError(
             f"{path}: none of its {len(meta)} rows matches one of the {len(files.images)} image files under "
-            f"{files.root}; expected image file names ISIC_xxxxxxx.jpg equal to the image_id column"
-        )
+            f"{files.root}; expected image file names ISIC_xxxxxxx.jpg equal to the {id_column} column")
     return table, make_problems(problems)
 
 

@@ -17,7 +17,7 @@ from typing import IO, Sequence
 import numpy as np
 import pandas as pd
 
-from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, TABLE_COLUMNS, make_problems, read_csv_strings
+from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, pair_with_files, read_csv_strings
 from hamtune.errors import HamtuneError
 
 GROUND_TRUTH = re.compile(r"isic2018_task3_(training|validation|test)_groundtruth\.csv", re.IGNORECASE)
@@ -143,25 +143,7 @@ def read_table(files) -> tuple[pd.DataFrame, pd.DataFrame]:
     table["localization"] = "unknown"
     table["label"] = table["dx"].map({code: i for i, code in enumerate(CLASSES)}).astype("int64")
 
-    line = pd.Series(np.arange(len(table)) + 2)
-    has_file = table["image_id"].isin(files.images.keys())
-    listed = set(table["image_id"])
-    problems = [
-        ("missing_image", image_id, "", f"{path.name} line {n} lists it but no image file with that name was found")
-        for image_id, n in zip(table.loc[~has_file, "image_id"], line[~has_file])
-    ]
-    problems += [
-        ("unlisted_image", image_id, file.relative_to(files.root).as_posix(), f"no row in {path.name}")
-        for image_id, file in sorted(files.images.items())
-        if image_id not in listed
-    ]
-    table = table.loc[has_file, list(TABLE_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
-    table["path"] = [str(files.images[image_id]) for image_id in table["image_id"]]
-    if table.empty:
-        raise HamtuneError(
-            f"{path}: none of its {len(truth)} rows matches one of the {len(files.images)} image files under "
-            f"{files.root}; expected image file names ISIC_xxxxxxx.jpg equal to the image column")
-    return table, make_problems(problems)
+    return pair_with_files(table, files, path, np.arange(len(table)) + 2, id_column="image")
 
 
 def check_meta_available(root: Path, layout: str) -> None:

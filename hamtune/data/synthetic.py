@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-import multiprocessing
 import os
-import threading
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
