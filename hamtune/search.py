@@ -289,13 +289,16 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         warm_points = warm_start_points(warm_start, res.read_experiment(warm_start), spec)
         warm_record = {"experiment": warm_start.name, "path": str(warm_start.resolve()), "trials": len(warm_points)}
     trial_resources = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+    data = None
     if not address:
         preflight.check_on_driver(spec.train, spec.space)  # local trials see this machine's files and caches
+        # Locally, bad data is refused before Ray starts (nothing of Ray's on the console but the one line).
+        data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     init_ray(address, num_cpus)
     check_cluster(address, storage_path, trial_resources)
-    if address:
+    if address:  # on a cluster the nodes are checked first: a missing weights file fails fast, before any decoding
         preflight.check_on_nodes(spec.train, spec.space, trial_nodes(trial_resources))
-    data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
+        data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
     exp_dir.mkdir(parents=True, exist_ok=True)
     if storage_path:
