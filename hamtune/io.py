@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -85,3 +86,12 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110, tight: bool = F
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def replace_folder(tmp: Path, target: Path, marker: str, marker_text: str) -> None:
+    """Move a finished temp folder into place: its completion marker written last, an older or unfinished `target`
+    replaced; readers trust a folder only with its marker, so none ever reads half of one."""
+    (Path(tmp) / marker).write_text(marker_text)
+    if Path(target).exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)

@@ -34,6 +34,7 @@ from hamtune.data.images import PREPROCESS_VERSION, decode_all
 from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, generate_synthetic
 from hamtune.data.workers import cpu_count
 from hamtune.errors import HamtuneError
+from hamtune.io import replace_folder
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("hamtune.data")
@@ -214,10 +215,7 @@ def synthetic_source(cache_dir: Path, n_images: int, seed: int, workers: int | N
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         generate_synthetic(tmp, n_images=n_images, seed=seed, workers=workers, progress=progress)
-        (tmp / ".complete").write_text(json.dumps(expected))
-        if target.exists():
-            shutil.rmtree(target)  # an older or unfinished generation
-        os.rename(tmp, target)
+        replace_folder(tmp, target, ".complete", json.dumps(expected))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

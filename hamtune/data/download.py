@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from hamtune.errors import HamtuneError
+from hamtune.io import replace_folder
 
 DEFAULT_BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2018/"
 MANIFEST = "manifest.json"
@@ -394,10 +395,7 @@ def extract(dataset: Dataset, downloads: Path, folder: Path, manifest: dict, *, 
                     archive.extract(member, into)
         marker = {"dataset": dataset.name, "files": {f.name: manifest[f.name]["sha256"] for f in dataset.files},
                   "created": _now()}
-        (tmp / COMPLETE).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder complete
-        if folder.exists():
-            shutil.rmtree(folder)  # an older or unfinished extraction
-        os.rename(tmp, folder)
+        replace_folder(tmp, folder, COMPLETE, json.dumps(marker, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
