@@ -15,6 +15,7 @@ import pandas as pd
 
 from hamtune import results as res
 from hamtune.errors import HamtuneError
+from hamtune.io import plain
 
 
 @dataclass
@@ -57,7 +58,7 @@ def choose_top(exp_dir: Path, k: int, *, metric: str | None = None, mode: str | 
     ranked = ok.sort_values(f"best_{metric}", ascending=mode == "min", kind="stable")  # stable: ties as best_trial
     choices = []
     for _, trial in ranked.head(k).iterrows():
-        searched = {c.removeprefix("config."): _plain(v) for c, v in trial.items()
+        searched = {c.removeprefix("config."): plain(v) for c, v in trial.items()
                     if c.startswith("config.") and not _is_missing(v)}
         config = {**record["spec"].get("train", {}), **searched}
         choices.append(BestChoice(exp_dir=exp_dir, record=record, trial=trial, metric=metric, mode=mode,
@@ -105,10 +106,6 @@ def describe_best(choice: BestChoice) -> str:
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _short(value: Any) -> str:

@@ -43,6 +43,11 @@ def _umask() -> int:
     return mask
 
 
+def plain(value: Any) -> Any:
+    """A numpy scalar (from numpy or a parquet table) as the Python value, so messages never show np.float64(...)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def json_ready(value: Any) -> Any:
     """NaN/inf -> None, numpy -> Python, tuples -> lists, paths -> str: strict JSON, and plain data that
     torch.load(weights_only=True) accepts in a model file."""
@@ -52,8 +57,7 @@ def json_ready(value: Any) -> Any:
         return [json_ready(v) for v in value]
     if isinstance(value, np.ndarray):
         return json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
+    value = plain(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, os.PathLike):

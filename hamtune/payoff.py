@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.errors import HamtuneError
-from hamtune.io import save_figure
+from hamtune.io import plain, save_figure
 
 ENDED = ("completed", "stopped")  # trials that ran to their end: all epochs, or until ASHA cut them
 MIN_IMPORTANCE_TRIALS = 5  # fANOVA's forest needs a handful of points before its split shares mean anything
@@ -124,12 +124,12 @@ def optuna_distributions(space: Mapping[str, Any]) -> dict[str, Any]:
 def check_in_space(key: str, value: Any, spec_value: Any, where: str) -> Any:
     """The value as the new space's distribution holds it, or one HamtuneError line naming the key."""
     if not isinstance(spec_value, Mapping):
-        if _plain(value) != spec_value:
-            raise HamtuneError(f"{where}: {key}={_plain(value)!r} is outside the new space, which fixes {key} at "
+        if plain(value) != spec_value:
+            raise HamtuneError(f"{where}: {key}={plain(value)!r} is outside the new space, which fixes {key} at "
                                f"{spec_value!r}")
         return spec_value
     (dist, args), = spec_value.items()
-    v = _plain(value)
+    v = plain(value)
     if dist == "choice":
         if v not in list(args):
             raise HamtuneError(f"{where}: {key}={v!r} is outside the new space (expected one of {list(args)})")
@@ -145,11 +145,6 @@ def check_in_space(key: str, value: Any, spec_value: Any, where: str) -> Any:
     if not ok:
         raise HamtuneError(f"{where}: {key}={v!r} is outside the new space (expected {expected})")
     return int(v) if dist == "randint" else float(v)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (from parquet) as plain Python values, so messages never show np.float64(...)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +178,7 @@ def param_importance(trials: pd.DataFrame, record: Mapping[str, Any]) -> tuple[d
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for row in ended.to_dict("records"):
-        params = {key: _plain(row[f"config.{key}"]) for key in distributions}
+        params = {key: plain(row[f"config.{key}"]) for key in distributions}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(row[col])))
     scores = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), normalize=True)
     found = {k: float(v) for k, v in scores.items()}
