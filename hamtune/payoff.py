@@ -185,7 +185,7 @@ def param_importance(trials: pd.DataFrame, record: Mapping[str, Any]) -> tuple[d
     for key in distributions:  # a parameter with one value in every trial has no variance to explain
         found.setdefault(key, 0.0)
     return found, (f"importance of each hyperparameter for {metric} (Optuna's fANOVA over {len(ended)} trials that "
-                   f"ran to their end, each with its best value; shares sum to 1)")
+                   f"ran to their end, all epochs or until ASHA cut them, each with its best value; shares sum to 1)")
 
 
 def plot_importance(importance: Mapping[str, float], path: Path, title: str) -> Path:
