@@ -56,18 +56,32 @@ class BatchAugment:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if self.strength == 0.0 or x.shape[0] == 0:
             return x
-        n = x.shape[0]
+        n, _, h, w = x.shape
         # Draw on the CPU generator (device-independent, checkpointable) and build the small per-sample matrices
-        # there too: on a GPU that is two tiny copies instead of dozens of tiny kernels.
+        # there too; on a GPU they then travel in ONE pinned, non-blocking copy. (A plain .to(cuda) of a CPU tensor
+        # makes the host wait for every kernel already queued, which starves the GPU once per copy.)
         u = torch.rand(n, 11, generator=generator) * 2.0 - 1.0  # uniform in [-1, 1)
-        x = self._affine(x, u[:, :7])
-        x = self._colour(x, u[:, 7:])
+        theta = self._theta(u[:, :7], h, w)
+        matrix, grey_weight = self._colour_map(u[:, 7:])
+        params = _send(torch.cat([theta.reshape(n, 6), matrix.reshape(n, 9), grey_weight.view(n, 1)], 1), x.device)
+        x = _resample(x, params[:, :6].view(n, 2, 3))
+        x = _recolour(x, params[:, 6:15].view(n, 3, 3), params[:, 15])
         return x.clamp_(0.0, 1.0)
 
     def _affine(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Flips, rotation and random resized crop as one sampling grid per image (u: CPU draws in [-1, 1))."""
+        """The geometric part alone (u: (n, 7) CPU draws in [-1, 1)), unclamped."""
+        return _resample(x, _send(self._theta(u, x.shape[2], x.shape[3]), x.device))
+
+    def _colour(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The colour part alone (u: (n, 4) CPU draws in [-1, 1)), unclamped."""
+        matrix, grey_weight = self._colour_map(u)
+        return _recolour(x, _send(matrix, x.device), _send(grey_weight, x.device))
+
+    def _theta(self, u: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Flips, rotation and random resized crop as one (n, 2, 3) affine_grid matrix per image (u: CPU draws in
+        [-1, 1))."""
         s = self.strength
-        n, _, h, w = x.shape
+        n = u.shape[0]
         flip_probability = min(0.5, s)  # flips lose nothing, so they reach their full rate early
         flip_x = torch.where((u[:, 0] + 1) / 2 < flip_probability, -1.0, 1.0)
         flip_y = torch.where((u[:, 1] + 1) / 2 < flip_probability, -1.0, 1.0)
@@ -91,14 +105,13 @@ class BatchAugment:
         theta[:, 1, 1] = cos * crop_h * flip_y
         theta[:, 0, 2] = centre_x
         theta[:, 1, 2] = centre_y
-        grid = F.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], h, w], align_corners=False)
-        # Reflection fills the corners a rotation uncovers with skin rather than black, which a model could key on.
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return theta
 
-    def _colour(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast, saturation and hue folded into one per-sample affine colour map A @ rgb + t."""
+    def _colour_map(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Brightness, contrast, saturation and hue folded into one per-sample affine colour map: out = A @ rgb +
+        g * mean_grey; returns A (n, 3, 3) and g (n,), on the CPU."""
         s = self.strength
-        n = x.shape[0]
+        n = u.shape[0]
         brightness = 1.0 + u[:, 0] * self.max_brightness * s
         contrast = 1.0 + u[:, 1] * self.max_contrast * s
         saturation = 1.0 + u[:, 2] * self.max_saturation * s
@@ -119,8 +132,36 @@ class BatchAugment:
         m_hue = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
         # contrast blends with the mean grey level of the brightened image; grey stays grey under m_sat and m_hue,
         # so the offset commutes to the end: out = c*b*M x + (1 - c)*b*mean_grey.
-        matrix = ((contrast * brightness).view(n, 1, 1) * (m_hue @ m_sat)).to(x.device, x.dtype)
-        grey_weight = ((1.0 - contrast) * brightness).to(x.device, x.dtype)
-        mean_grey = torch.einsum("c,nchw->n", luma.to(x.device, x.dtype), x) / (x.shape[2] * x.shape[3])
-        out = torch.einsum("nij,njhw->nihw", matrix, x)
-        return out.add_((grey_weight * mean_grey).view(n, 1, 1, 1))
+        matrix = (contrast * brightness).view(n, 1, 1) * (m_hue @ m_sat)
+        return matrix, (1.0 - contrast) * brightness
+
+
+def _resample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Each image through its affine_grid matrix (theta already on x's device)."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Reflection fills the corners a rotation uncovers with skin rather than black, which a model could key on.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _recolour(x: torch.Tensor, matrix: torch.Tensor, grey_weight: torch.Tensor) -> torch.Tensor:
+    """out = matrix @ rgb + grey_weight * the image's mean luma, per image (parameters already on x's device)."""
+    mean_grey = torch.einsum("c,nchw->n", _luma_on(x.device), x) / (x.shape[2] * x.shape[3])
+    out = torch.einsum("nij,njhw->nihw", matrix, x)
+    return out.add_((grey_weight * mean_grey).view(-1, 1, 1, 1))
+
+
+def _send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory without blocking the host."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+_LUMA_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _luma_on(device: torch.device) -> torch.Tensor:
+    """The luma weights on `device`, copied there once."""
+    if device not in _LUMA_ON:
+        _LUMA_ON[device] = torch.tensor(_LUMA, device=device)
+    return _LUMA_ON[device]

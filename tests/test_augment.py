@@ -93,6 +93,17 @@ def test_single_colour_ops_match_torchvision_where_defined_the_same():
     torch.testing.assert_close(contrast, TF.adjust_contrast(x, 0.7), atol=2e-3, rtol=0)  # tv rounds the mean
 
 
+def test_whole_augmentation_is_the_geometric_then_the_colour_part():
+    """__call__ sends all per-sample parameters to the device packed in one tensor (one copy instead of four); the
+    packing must hand each part its own columns: the result equals the two parts applied one after the other."""
+    x = _lesions(5).float() / 255
+    augment = BatchAugment(0.8)
+    out = augment(x, torch.Generator().manual_seed(3))
+    u = torch.rand(5, 11, generator=torch.Generator().manual_seed(3)) * 2.0 - 1.0
+    expected = augment._colour(augment._affine(x, u[:, :7]), u[:, 7:]).clamp(0.0, 1.0)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 def test_strength_outside_unit_interval_is_rejected():
     with pytest.raises(ValueError):
         BatchAugment(1.5)
