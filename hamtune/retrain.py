@@ -23,13 +23,14 @@ from hamtune.choose import BestChoice
 from hamtune.config import TrainConfig
 from hamtune.data.cache import prepare_spec_data
 from hamtune.errors import HamtuneError
-from hamtune.io import write_csv
+from hamtune.io import atomic_write_bytes, write_csv
 from hamtune.metrics import HEADLINE_METRICS, classification_report_table, evaluation_metrics, summary_line
 from hamtune.calibration import (
     CALIBRATION_FRACTION, ECE_BINS, apply_temperature, calibration_holdout, calibration_summary, fit_temperature,
     plot_reliability,
 )
 from hamtune.data.arrays import SplitArrays
+from hamtune.data.ham10000 import CLASSES
 from hamtune.modelfile import ensemble_record, member_record, save_record
 from hamtune.space import spec_from_dict
 
@@ -280,6 +281,7 @@ def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train,
     split_rows.insert(0, "row", used)
     split_rows["role"] = np.concatenate([[role] * len(index) for index, role in parts])
     files.append(write_csv(out_dir / "split.csv", split_rows))
+    files.append(_write_member_probabilities(out_dir / "probabilities.npz", data.table, test, held, saved))
 
     split = metrics["split"]
     ensemble = len(choices) > 1
@@ -329,6 +331,26 @@ def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train,
         out_dir / "report.md", title=f"{choice.record['name']}: final {'ensemble' if ensemble else 'model'}",
         intro=intro, metrics=metrics, classification_report=table, sections=sections, pictures=pictures, files=names))
     return files
+
+
+def _write_member_probabilities(path: Path, table: pd.DataFrame, test: SplitArrays, held: SplitArrays | None,
+                                saved: dict) -> Path:
+    """Every member's own probabilities (before averaging and temperature) on the test split and the calibration
+    slice, with image ids and labels: so other ways to combine or calibrate the members can be studied without
+    retraining. Arrays are (members, images, classes), members in rank order."""
+    import io
+
+    arrays = {"classes": np.asarray(CLASSES), "temperature": np.float64(saved["temperature"]),
+              "trial_ids": np.asarray([m["trial_id"] for m in saved["members"]]),
+              "test_image_ids": table["image_id"].iloc[test.index].to_numpy(dtype=str),
+              "test_labels": np.asarray(test.labels), "test_probs": np.stack([m["test_probs"] for m in saved["members"]])}
+    if held is not None:
+        arrays |= {"calibration_image_ids": table["image_id"].iloc[held.index].to_numpy(dtype=str),
+                   "calibration_labels": np.asarray(held.labels),
+                   "calibration_probs": np.stack([m["held_probs"] for m in saved["members"]])}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _members_markdown(metrics: dict, metric: str) -> str:

@@ -238,7 +238,7 @@ def test_seeds_report_mean_and_std(retrained, experiment, tmp_path, capsys):
 
 
 def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average(experiment, tmp_path, capsys):
-    from hamtune.calibration import apply_temperature
+    from hamtune.calibration import apply_temperature, fit_temperature
     from hamtune.data import SplitSpec, prepare
     from hamtune.modelfile import load_model
 
@@ -278,6 +278,15 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
     np.testing.assert_allclose(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
     for member, probs in zip(metrics["members"], each):
         assert member["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test.labels, probs.argmax(1)))
+    # probabilities.npz keeps each member's own probabilities, on the test split and on the calibration slice
+    with np.load(best_dir / "probabilities.npz") as saved:
+        assert list(saved["trial_ids"]) == metrics["trial_ids"]
+        assert list(saved["test_image_ids"]) == list(data.table["image_id"].iloc[test.index])
+        np.testing.assert_allclose(saved["test_probs"], each, atol=1e-6)
+        split = pd.read_csv(best_dir / "split.csv")
+        assert set(saved["calibration_image_ids"]) == set(split.loc[split["role"] == "calibration", "image_id"])
+        held_mean = saved["calibration_probs"].mean(axis=0)
+        assert fit_temperature(held_mean, saved["calibration_labels"]) == pytest.approx(loaded.temperature)
 
 
 def test_calibration_zero_trains_on_all_of_train_val_and_keeps_temperature_one(experiment, tmp_path, capsys):
