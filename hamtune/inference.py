@@ -79,7 +79,11 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         meta = encode_meta(rows) if loaded.use_meta else None
         probs = loaded.predict_proba(images, meta, device=device, tta=tta)
 
-    submission = write_submission(out_dir / "submission.csv", rows["image_id"], probs)
+    # The official scorer takes each row's argmax as the diagnosis, so the submission holds the scores whose argmax is
+    # this model's decision: the calibrated probabilities times the decision weights, renormalised.
+    weights = loaded.decision_weights
+    scores = probs * weights
+    submission = write_submission(out_dir / "submission.csv", rows["image_id"], scores / scores.sum(1, keepdims=True))
     scored = official_weights(rows["image_id"], form) > 0  # the official scorer's zero-weight rule (ISIC truth)
     zero_weight = rows.loc[~scored, "image_id"].tolist()
     if zero_weight:
@@ -91,15 +95,17 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
     metrics = {
         "model": str(model_path), "images": str(images_dir), "labels": str(labels_path), "label_format": form,
         "n_test": len(rows), "zero_weight_images": zero_weight, "tta": tta,
-        **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None),
+        **evaluation_metrics(y_true, probs, rows["lesion_id"] if has_lesions else None, weights=weights),
         "unlabelled_images": len(unlabelled), "missing_images": len(missing), "unreadable_images": len(unreadable),
         "duplicate_files_ignored": duplicates, "image_size": loaded.image_size,
         "members": len(loaded.members), "temperature": loaded.temperature,
+        "class_bias": loaded.class_bias.tolist(), "decision_weights": weights.tolist(),
         "metadata": ("from the labels file" if form.startswith("HAM") else "unknown (all 'unknown')") if loaded.use_meta
         else "not used by the model",
     }
-    predictions = report.predictions_table(rows["image_id"], rows["lesion_id"] if has_lesions else None, y_true, probs)
-    table = classification_report_table(y_true, probs)
+    predictions = report.predictions_table(rows["image_id"], rows["lesion_id"] if has_lesions else None, y_true, probs,
+                                           weights=weights)
+    table = classification_report_table(y_true, probs, weights=weights)
     written = report.write_evaluation(out_dir, predictions, metrics, table) + listed + [submission]
     intro = [
         f"Model `{model_path}` ({loaded.info.get('model')}, {loaded.image_size}px, trained on data "
@@ -110,8 +116,10 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
         f"- images decoded as for training: short side to {loaded.image_size}px, centre square "
         "(hamtune.data.images.decode_image)" + ("; test-time augmentation: flips averaged." if tta else "."),
         f"- {_describe_model(loaded)}",
-        f"- `submission.csv`: the probabilities of all {len(all_rows)} images in the ISIC 2018 Task 3 submission "
-        "format, scored by the challenge's own `isic-challenge-scoring classification TRUTH submission.csv`.",
+        f"- `submission.csv`: all {len(all_rows)} images in the ISIC 2018 Task 3 submission format, scored by the "
+        "challenge's own `isic-challenge-scoring classification TRUTH submission.csv`; since that scorer takes each "
+        "row's argmax as the diagnosis, it holds the probabilities times the decision weights (renormalised), whose "
+        "argmax is this model's decision; `predictions.csv` has the calibrated probabilities themselves.",
     ]
     if zero_weight:
         intro.append(f"- {', '.join(zero_weight)}: zero weight, as the official scorer gives it on the ISIC 2018 "
@@ -126,12 +134,14 @@ def evaluate_external(model_path: Path, images_dir: Path, labels_path: Path, *, 
 
 
 def _describe_model(loaded) -> str:
-    """One line on what produced the probabilities: members averaged, temperature applied."""
+    """One line on what produced the probabilities and the decisions: members averaged, calibration applied."""
     members = (f"{len(loaded.members)} networks ({loaded.info.get('model')}), probabilities averaged"
                if len(loaded.members) > 1 else "one network")
-    scaling = (f"temperature scaling T = {loaded.temperature:.3f} applied (fitted on data held back from training)"
-               if loaded.temperature != 1.0 else "no temperature scaling")
-    return f"model: {members}; {scaling}."
+    scaling = (f"calibrated with temperature T = {loaded.temperature:.3f} and one bias per class (fitted on data held "
+               "back from training)" if loaded.calibrated else "no calibration")
+    rule = ("the predicted diagnosis is the largest probability / class frequency (the balanced-accuracy decision)"
+            if np.any(loaded.decision_weights != 1.0) else "the predicted diagnosis is the most probable one")
+    return f"model: {members}; {scaling}; {rule}."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +149,8 @@ def _describe_model(loaded) -> str:
 
 
 def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo: Echo = print) -> pd.DataFrame:
-    """One row per readable image: path, top class code, its diagnosis name and probability, all probabilities."""
+    """One row per readable image: path, predicted class code (the file's decision rule), its diagnosis name and
+    probability, all probabilities."""
     device = resolve_device("auto")
     loaded = load_model(model_path, device=device)
     paths = find_images(inputs)
@@ -153,7 +164,7 @@ def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo
         probs = loaded.predict_proba(images, meta, device=device, tta=tta)
     bad = {i for i, _ in failures}
     kept = [p for i, p in enumerate(paths) if i not in bad]
-    top = probs.argmax(axis=1)
+    top = loaded.decide(probs)
     table = pd.DataFrame({
         "path": [str(p) for p in kept], "image_id": [p.stem for p in kept],
         "predicted_dx": [CLASSES[i] for i in top], "diagnosis": [DIAGNOSES[CLASSES[i]] for i in top],

@@ -28,8 +28,18 @@ BOOTSTRAP_SEED = 0
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict:
-    """Scores of class probabilities `probs` (N, C) against integer labels `y_true` (N,).
+def decide(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The predicted class of each row: argmax of probs * weights (plain argmax without weights). With calibrated
+    probabilities and weights 1 / class frequency (hamtune.calibration.decision_weights) this is the decision that
+    maximises expected balanced accuracy."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return (probs if weights is None else probs * np.asarray(weights, dtype=np.float64)).argmax(axis=1)
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, *,
+                           weights: np.ndarray | None = None) -> dict:
+    """Scores of class probabilities `probs` (N, C) against integer labels `y_true` (N,); the predicted class is
+    decide(probs, weights).
 
     Keys: accuracy, balanced_accuracy (mean recall over classes present in y_true), macro_f1 (over classes present in
     y_true or predicted, as sklearn), macro_auc (mean one-vs-rest ROC AUC over present classes; nan when fewer than
@@ -50,7 +60,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         result["confusion_matrix"] = [[0] * num_classes for _ in range(num_classes)]
         return result
 
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, weights)
     present = np.unique(y_true)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=all_labels, zero_division=0
@@ -141,10 +151,12 @@ def bootstrap_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, groups: 
     return float(lo), float(hi)
 
 
-def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, groups: Sequence | None = None) -> dict[str, Any]:
-    """Headline metrics, per-class table, confusion matrix and the bootstrap CI of balanced accuracy."""
-    scores = classification_metrics(y_true, probs)
-    lo, hi = bootstrap_balanced_accuracy(y_true, probs.argmax(axis=1), groups)
+def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, groups: Sequence | None = None, *,
+                       weights: np.ndarray | None = None) -> dict[str, Any]:
+    """Headline metrics, per-class table, confusion matrix and the bootstrap CI of balanced accuracy (predicted
+    class: decide(probs, weights))."""
+    scores = classification_metrics(y_true, probs, weights=weights)
+    lo, hi = bootstrap_balanced_accuracy(y_true, decide(probs, weights), groups)
     out: dict[str, Any] = {k: scores[k] for k in HEADLINE_METRICS}
     out["balanced_accuracy_ci95"] = [lo, hi]
     out["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "method": "percentile",
@@ -155,8 +167,9 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, groups: Sequence |
     return out
 
 
-def classification_report_table(y_true: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    return per_class_table(y_true, probs.argmax(axis=1))
+def classification_report_table(y_true: np.ndarray, probs: np.ndarray, *,
+                                weights: np.ndarray | None = None) -> pd.DataFrame:
+    return per_class_table(y_true, decide(probs, weights))
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

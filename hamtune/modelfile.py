@@ -8,9 +8,12 @@ and the data fingerprint. Only tensors and primitives go in, so `torch.load(weig
 model file never runs code from it.
 
 Format version 2 holds an ensemble: `members`, a list of one or more networks, each with its own state dict, timm
-model name, head settings and full TrainConfig, whose class probabilities are averaged; and `temperature`, the
-temperature scaling fitted after training (hamtune.calibration; 1.0 = none), applied to the averaged probabilities.
-Version 1 files (one network, its entries at the top level) still load, as a one-member ensemble at temperature 1.
+model name, head settings and full TrainConfig, whose class probabilities are averaged; `temperature` and
+`class_bias`, the calibration fitted after training (hamtune.calibration; 1.0 and zeros = none), applied to the
+averaged probabilities; and `decision_weights`, what decide() multiplies the calibrated probabilities by to pick a
+diagnosis (ones = plain argmax). Format 2 files written before class_bias and decision_weights existed load with
+zeros and ones. Version 1 files (one network, its entries at the top level) still load, as a one-member ensemble at
+temperature 1.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ class LoadedModel:
     temperature: float
     fingerprint: str | None
     info: dict[str, Any] = field(default_factory=dict)  # every non-tensor entry of the file, for reports
+    class_bias: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES)))
+    decision_weights: np.ndarray = field(default_factory=lambda: np.ones(len(CLASSES)))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature != 1.0 or bool(np.any(self.class_bias != 0))
 
     @property
     def use_meta(self) -> bool:
@@ -73,11 +82,17 @@ class LoadedModel:
                 for m in self.members]
 
     def predict_proba(self, images, meta=None, *, device: str | torch.device = "cpu", tta: bool = False):
-        """(N, C) probabilities: the members' average, temperature-scaled with the file's temperature."""
-        from hamtune.calibration import apply_temperature
+        """(N, C) probabilities: the members' average, calibrated with the file's temperature and class biases."""
+        from hamtune.calibration import apply_calibration
 
         mean = np.mean(self.member_proba(images, meta, device=device, tta=tta), axis=0)
-        return apply_temperature(mean, self.temperature) if self.temperature != 1.0 else mean
+        return apply_calibration(mean, self.temperature, self.class_bias) if self.calibrated else mean
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The diagnosis index this file's decision rule picks for each row of predict_proba's output."""
+        from hamtune.metrics import decide
+
+        return decide(probs, self.decision_weights)
 
 
 def member_record(model: nn.Module, *, config: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,8 +115,8 @@ def member_record(model: nn.Module, *, config: dict[str, Any], extra: dict[str, 
 
 
 def ensemble_record(members: list[dict[str, Any]], *, image_size: int, fingerprint: str | None,
-                    temperature: float = 1.0, calibration: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                    temperature: float = 1.0, class_bias: Any = None, decision_weights: Any = None,
+                    calibration: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dict saved as model.pt (format version 2) from member_record()s."""
     if not members:
         raise ValueError("a model file needs at least one member")
@@ -111,6 +126,9 @@ def ensemble_record(members: list[dict[str, Any]], *, image_size: int, fingerpri
         "format_version": MODEL_FORMAT_VERSION,
         "members": members,
         "temperature": float(temperature),
+        "class_bias": [float(b) for b in (np.zeros(len(CLASSES)) if class_bias is None else class_bias)],
+        "decision_weights": [float(w) for w in
+                             (np.ones(len(CLASSES)) if decision_weights is None else decision_weights)],
         "calibration": json_ready(calibration),
         "model": names[0] if len(names) == 1 else f"ensemble of {len(names)}: {', '.join(names)}",
         "use_meta": any(m["use_meta"] for m in members),
@@ -119,7 +137,8 @@ def ensemble_record(members: list[dict[str, Any]], *, image_size: int, fingerpri
         "image_size": int(image_size),
         "input": "uint8 RGB, short side resized to image_size and centre-cropped (hamtune.data.images.decode_image), "
                  "scaled to [0, 1]; each network normalises with its mean/std itself; probabilities are averaged "
-                 "over members, then p -> softmax(log(p) / temperature)",
+                 "over members, then p -> softmax(log(p) / temperature + class_bias); predicted diagnosis: argmax of "
+                 "p * decision_weights",
         "data_fingerprint": fingerprint,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "timm": _timm_version()},
@@ -186,6 +205,12 @@ def read_model_record(path: Path) -> dict[str, Any]:
     temperature = record["temperature"]
     if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise HamtuneError(f"{path}: temperature {temperature!r}; expected a positive number")
+    for key, default, what in (("class_bias", 0.0, "finite numbers"), ("decision_weights", 1.0, "positive numbers")):
+        values = record.setdefault(key, [default] * len(CLASSES))
+        if (not isinstance(values, (list, tuple)) or len(values) != len(CLASSES)
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) and (key == "class_bias" or v > 0)
+                           for v in values)):
+            raise HamtuneError(f"{path}: {key} {values!r}; expected {len(CLASSES)} {what}, one per class")
     if list(record["classes"]) != list(CLASSES):
         raise HamtuneError(f"{path}: model class order {list(record['classes'])} differs from this hamtune's "
                            f"{list(CLASSES)}; its outputs would be read as the wrong diagnoses")
@@ -215,7 +240,9 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     info["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in record["members"]]
     return LoadedModel(path=path, members=networks, member_configs=[dict(m["config"]) for m in record["members"]],
                        classes=list(record["classes"]), image_size=int(record["image_size"]),
-                       temperature=float(record["temperature"]), fingerprint=record.get("data_fingerprint"), info=info)
+                       temperature=float(record["temperature"]), fingerprint=record.get("data_fingerprint"), info=info,
+                       class_bias=np.asarray(record["class_bias"], dtype=np.float64),
+                       decision_weights=np.asarray(record["decision_weights"], dtype=np.float64))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -62,8 +62,8 @@ def cam_layer(model: nn.Module, image_size: int) -> CamLayer:
 class Predictor:
     """A loaded model file: image_size, decode(bytes), predict_proba(uint8 images), gradcam(uint8 image, class).
 
-    Ensemble- and temperature-aware through LoadedModel.predict_proba (members averaged, then temperature-scaled,
-    exactly as `predict` and `evaluate` compute it). An ensemble's Grad-CAM is the mean of its members' maps (each
+    Ensemble- and calibration-aware through LoadedModel.predict_proba and decide (members averaged, then
+    calibrated; the diagnosis by the file's decision rule: exactly as `predict` and `evaluate` compute them). An ensemble's Grad-CAM is the mean of its members' maps (each
     scaled to [0, 1] first, so no member dominates by the size of its gradients), scaled to [0, 1] again.
     """
 
@@ -132,6 +132,10 @@ class Predictor:
         with self._lock:
             return self.loaded.predict_proba(images_u8, self._meta(len(images_u8)), device=self.device)
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The predicted diagnosis index of each row of predict_proba's output (the model file's decision rule)."""
+        return self.loaded.decide(probs)
+
     def gradcam(self, image_u8: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of class `class_index` for one uint8 HWC image: float32 (image_size, image_size) in [0, 1].
 
@@ -162,7 +166,9 @@ class Predictor:
             "model": self.info.get("model"), "image_size": self.image_size, "uses_metadata": self.use_meta,
             "classes": [{"code": c, "name": DIAGNOSES[c]} for c in self.classes],
             "trained_on": self.info.get("data_fingerprint"), "experiment": self.info.get("experiment"),
-            "members": len(self.members), "temperature": self.loaded.temperature, "gradcam_layer": self.cam_layers,
+            "members": len(self.members), "temperature": self.loaded.temperature,
+            "class_bias": self.loaded.class_bias.tolist(), "calibrated": self.loaded.calibrated,
+            "balanced_decision": bool(np.any(self.loaded.decision_weights != 1.0)), "gradcam_layer": self.cam_layers,
         }
 
     # -- helpers --------------------------------------------------------------------------------------------------

@@ -20,9 +20,12 @@ PROB_PREFIX = "prob_"
 
 
 def predictions_table(image_ids: Sequence[str], lesion_ids: Sequence[str | None] | None, y_true: np.ndarray | None,
-                      probs: np.ndarray, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
-    """One row per image: ids, true and predicted diagnosis code, one probability column per class."""
-    y_pred = probs.argmax(axis=1)
+                      probs: np.ndarray, classes: Sequence[str] = CLASSES, *,
+                      weights: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per image: ids, true and predicted diagnosis code (metrics.decide), one probability column per class."""
+    from hamtune.metrics import decide
+
+    y_pred = decide(probs, weights)
     table = pd.DataFrame({"image_id": list(image_ids)})
     if lesion_ids is not None:
         table["lesion_id"] = list(lesion_ids)

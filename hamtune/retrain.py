@@ -26,8 +26,8 @@ from hamtune.errors import HamtuneError
 from hamtune.io import atomic_write_bytes, write_csv
 from hamtune.metrics import HEADLINE_METRICS, classification_report_table, evaluation_metrics, summary_line
 from hamtune.calibration import (
-    CALIBRATION_FRACTION, ECE_BINS, apply_temperature, calibration_holdout, calibration_summary, fit_temperature,
-    plot_reliability,
+    CALIBRATION_FRACTION, ECE_BINS, apply_calibration, calibration_holdout, calibration_summary, decision_weights,
+    fit_calibration, fit_temperature, plot_reliability,
 )
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import CLASSES
@@ -104,11 +104,13 @@ def _sizes(table: pd.DataFrame, arrays: SplitArrays | None) -> dict | None:
 def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = None,
             seeds: Sequence[int] | None = None, tta: bool = False, calibration: float = CALIBRATION_FRACTION,
             out_dir: Path | None = None, progress: bool = True, echo: Echo = print) -> RetrainOutcome:
-    """Train each chosen config once per seed, average their probabilities, fit the temperature, test once, report.
+    """Train each chosen config once per seed, average their probabilities, calibrate them, test once, report.
 
     The members train on train+val less a lesion-grouped, class-stratified `calibration` fraction of it, on which
-    the temperature of the averaged probabilities is fitted (hamtune.calibration); 0 = no hold-out, temperature 1.
-    Every member and the ensemble are tested once; the saved model.pt is the first seed's ensemble.
+    the temperature and class biases of the averaged probabilities are fitted (hamtune.calibration), and the
+    predicted diagnosis is then the balanced-accuracy decision (largest probability / class frequency); 0 = no
+    hold-out, no calibration, plain argmax. Every member (calibrated on the same slice, alone) and the ensemble are
+    tested once; the saved model.pt is the first seed's ensemble.
     """
     import torch
     from tqdm import tqdm
@@ -142,6 +144,9 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
              f"back (lesion-grouped, per diagnosis) to fit the temperature; the retrain trains on the other "
              f"{len(train)}")
     split["train"], split["calibration"] = _sizes(data.table, train), _sizes(data.table, held)
+    # Balanced-accuracy decision weights: 1 / class frequency in train+val, the population the calibration answers
+    # for (the held-back slice is a stratified part of it). Without calibration: plain argmax.
+    weights = decision_weights(train_val.labels) if held is not None else np.ones(len(CLASSES))
     member_epochs = [int(epochs or c.best_epoch) for c in choices]
     names = [f"trial {c.trial['trial_id']}" for c in choices]
     if len(choices) > 1:
@@ -174,12 +179,16 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
                                      device=device, tta=tta)
 
             test_probs = proba(test)
-            metrics = evaluation_metrics(test.labels, test_probs, lesions)
+            held_probs = proba(held) if held is not None else None
+            # Each member alone, as a one-member model file would be: calibrated on the same slice, same decision.
+            own = fit_calibration(held_probs, held.labels) if held is not None else (1.0, None)
+            metrics = evaluation_metrics(test.labels, apply_calibration(test_probs, *own), lesions, weights=weights)
+            metrics["balanced_accuracy_argmax"] = _plain_argmax_ba(test.labels, test_probs)
             if len(choices) > 1:
                 echo(f"test, {name}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
             members.append({"rank": rank + 1, "trial_id": c.trial["trial_id"], "seed": seed, "epochs": n_epochs,
                             "config": config, "history": result.history, "test_probs": test_probs,
-                            "held_probs": proba(held) if held is not None else None, "metrics": metrics,
+                            "held_probs": held_probs, "metrics": metrics,
                             f"search_{c.metric}": float(c.trial[f"best_{c.metric}"]),
                             "model": result.model.to("cpu") if saved is None else None})
             del result
@@ -189,24 +198,33 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         raw = np.mean([m["test_probs"] for m in members], axis=0)
         if held is not None:
             held_raw = np.mean([m["held_probs"] for m in members], axis=0)
-            temperature = fit_temperature(held_raw, held.labels)
-            scaling = {"temperature": temperature,
-                       "calibration_slice": calibration_summary(held_raw, held.labels, temperature),
-                       "test": calibration_summary(raw, test.labels, temperature)}
+            temperature, bias = fit_calibration(held_raw, held.labels)
+            t_only = fit_temperature(held_raw, held.labels)  # for comparison: what a temperature alone would do
+            scaling = {"temperature": temperature, "class_bias": bias.tolist(),
+                       "calibration_slice": calibration_summary(held_raw, held.labels, temperature, bias),
+                       "test": calibration_summary(raw, test.labels, temperature, bias),
+                       "temperature_only": {"temperature": t_only,
+                                            "calibration_slice": calibration_summary(held_raw, held.labels, t_only),
+                                            "test": calibration_summary(raw, test.labels, t_only)}}
         else:
-            temperature, scaling = 1.0, {"temperature": 1.0, "test": calibration_summary(raw, test.labels, 1.0)}
-        probs = apply_temperature(raw, temperature)
-        metrics = evaluation_metrics(test.labels, probs, lesions)
+            temperature, bias = 1.0, np.zeros(len(CLASSES))
+            scaling = {"temperature": 1.0, "class_bias": bias.tolist(),
+                       "test": calibration_summary(raw, test.labels, 1.0)}
+        scaling["decision_weights"] = weights.tolist()
+        probs = apply_calibration(raw, temperature, bias)
+        metrics = evaluation_metrics(test.labels, probs, lesions, weights=weights)
+        metrics["balanced_accuracy_argmax"] = _plain_argmax_ba(test.labels, raw)
         what = "ensemble" if len(choices) > 1 else "model"
         echo(f"test, {what}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
         if held is not None:
             t = scaling["test"]
-            echo(f"temperature {temperature:.3f} (fitted on the held-back slice): test ECE {t['ece_before']:.4f} -> "
-                 f"{t['ece_after']:.4f}, NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}")
+            echo(f"calibration (temperature {temperature:.3f} and class biases, fitted on the held-back slice): test "
+                 f"ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}, NLL {t['nll_before']:.4f} -> "
+                 f"{t['nll_after']:.4f}; predicted diagnosis: largest probability / class frequency")
         runs.append({"seed": seed, "members": members, "metrics": metrics, "scaling": scaling})
         if saved is None:  # the first seed's models are the ones kept, chosen before any test score was seen
             saved = {"seed": seed, "members": members, "probs": probs, "raw_probs": raw, "metrics": metrics,
-                     "scaling": scaling, "temperature": temperature}
+                     "scaling": scaling, "temperature": temperature, "class_bias": bias, "weights": weights}
 
     first = saved["members"][0]
     metrics = {
@@ -216,10 +234,15 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         "data": {"fingerprint": data.fingerprint, "cache": str(data.path), "decoded": data.decoded},
         "top": len(choices), "trial_ids": [c.trial["trial_id"] for c in choices],
         "members": [{k: m[k] for k in ("rank", "trial_id", "seed", "epochs", f"search_{choice.metric}")}
-                    | {k: m["metrics"][k] for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95")}
+                    | {k: m["metrics"][k]
+                       for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95", "balanced_accuracy_argmax")}
                     for m in saved["members"]],
-        "calibration": {"fraction": calibration, "bins": ECE_BINS, "method": "temperature scaling of the averaged "
-                        "probabilities, fitted by NLL on the held-back slice of train+val", **saved["scaling"]},
+        "calibration": {"fraction": calibration, "bins": ECE_BINS,
+                        "method": "temperature and one bias per class on the log of the averaged probabilities "
+                                  "(bias-corrected temperature scaling), fitted by NLL on the held-back slice of "
+                                  "train+val; predicted diagnosis: argmax of probability * decision_weights "
+                                  "(1 / class frequency in train+val, scaled to mean 1)" if held is not None
+                                  else "none (--calibration 0): plain argmax", **saved["scaling"]},
     }
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": r["seed"], **{k: r["metrics"][k] for k in HEADLINE_METRICS},
@@ -252,14 +275,15 @@ def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train,
     choice = choices[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     test_rows = data.table.iloc[test.index]
-    predictions = report.predictions_table(test_rows["image_id"], test_rows["lesion_id"], test.labels, saved["probs"])
-    table = classification_report_table(test.labels, saved["probs"])
+    predictions = report.predictions_table(test_rows["image_id"], test_rows["lesion_id"], test.labels, saved["probs"],
+                                           weights=saved["weights"])
+    table = classification_report_table(test.labels, saved["probs"], weights=saved["weights"])
     members = [member_record(m["model"], config=m["config"].to_dict(),
                              extra={"trial_id": m["trial_id"], "seed": m["seed"], "epochs": m["epochs"]})
                for m in saved["members"]]
     files = [save_record(out_dir / "model.pt", ensemble_record(
         members, image_size=data.image_size, fingerprint=data.fingerprint, temperature=saved["temperature"],
-        calibration=metrics["calibration"],
+        class_bias=saved["class_bias"], decision_weights=saved["weights"], calibration=metrics["calibration"],
         extra={"experiment": choice.record["name"], "trial_id": choice.trial["trial_id"], "seed": saved["seed"],
                "epochs": metrics["epochs"]}))]
     files += report.write_evaluation(out_dir, predictions, metrics, table)
@@ -271,8 +295,8 @@ def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train,
     pictures = [("Confusion matrix (test)", "confusion_matrix.png"), ("Training loss", "training_curve.png")]
     if held is not None:
         files.append(plot_reliability(out_dir / "reliability.png", test.labels, saved["raw_probs"], saved["probs"],
-                                      title=f"test split, temperature {saved['temperature']:.3f}"))
-        pictures.append(("Reliability on the test split, before and after temperature scaling", "reliability.png"))
+                                      title=f"test split, temperature {saved['temperature']:.3f} + class biases"))
+        pictures.append(("Reliability on the test split, before and after calibration", "reliability.png"))
     # Which rows trained, which calibrated and which tested, from the very index arrays used: the proof that no
     # test image was seen and that the temperature was fitted on rows the weights never trained on.
     parts = [(train.index, "train"), (test.index, "test")] + ([(held.index, "calibration")] if held is not None else [])
@@ -306,7 +330,8 @@ def _write_retrain_report(out_dir: Path, choices: list[BestChoice], data, train,
         intro.append(
             f"- calibration: {split['calibration']['images']} images / {split['calibration']['lesions']} lesions "
             f"({cal['fraction']:.0%} of train+val, whole lesions, per diagnosis) were held back from training and "
-            f"used only to fit the temperature T = {cal['temperature']:.3f}; the networks trained on the other "
+            f"used only to fit the calibration (T = {cal['temperature']:.3f} and one bias per class); the networks "
+            "trained on the other "
             f"{split['train']['images']} images. The search's val split could not serve (the retrain trains on it) "
             "and the test split must stay unseen.")
     intro += [
@@ -359,29 +384,48 @@ def _members_markdown(metrics: dict, metric: str) -> str:
         lo, hi = row["balanced_accuracy_ci95"]
         return f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})"
 
-    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC | "
+             "BA, plain argmax, uncalibrated |", "|---|---|---|---|---|---|---|---|"]
     for m in metrics["members"]:
         lines.append(f"| member {m['rank']} | `{m['trial_id']}` | {m[f'search_{metric}']:.4f} | {m['accuracy']:.4f} | "
-                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} |")
-    lines.append(f"| **ensemble** (mean probabilities, temperature-scaled) | all | – | {metrics['accuracy']:.4f} | "
-                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} |")
-    lines += ["", "Seed " + str(metrics["model_seed"]) + ". Temperature scaling never changes the top class, so the "
-              "ensemble's accuracy and balanced accuracy are those of the plain average."]
+                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} | "
+                     f"{m['balanced_accuracy_argmax']:.4f} |")
+    lines.append(f"| **ensemble** (mean probabilities, calibrated) | all | – | {metrics['accuracy']:.4f} | "
+                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} | "
+                 f"{metrics['balanced_accuracy_argmax']:.4f} |")
+    lines += ["", f"Seed {metrics['model_seed']}. Every row is scored as its model file would be used: each member "
+              "alone is calibrated on the same held-back slice, and every predicted diagnosis is the largest "
+              "probability / class frequency (without calibration, `--calibration 0`: the largest probability). The "
+              "last column is the plain argmax of the uncalibrated probabilities, for comparison."]
     return "\n".join(lines)
 
 
 def _calibration_markdown(cal: dict) -> str:
-    """Temperature, and ECE / NLL before and after on the held-back slice and on the test split."""
-    lines = [f"Temperature scaling, T = {cal['temperature']:.3f} (T > 1 softens overconfident probabilities, T < 1 "
-             "sharpens underconfident ones), fitted by negative log-likelihood on the held-back slice only. ECE: "
-             f"{cal['bins']} equal-width confidence bins.",
-             "", "| data | images | ECE before | ECE after | NLL before | NLL after |", "|---|---|---|---|---|---|"]
+    """The calibration, and ECE / NLL before and after on the held-back slice and on the test split, beside what a
+    temperature alone would have done."""
+    bias = ", ".join(f"{c} {b:+.2f}" for c, b in zip(CLASSES, cal["class_bias"]))
+    weights = ", ".join(f"{c} {w:.2f}" for c, w in zip(CLASSES, cal["decision_weights"]))
+    only = cal["temperature_only"]
+    lines = [f"p -> softmax(log p / T + b) with T = {cal['temperature']:.3f} and class biases b: {bias}; fitted "
+             "together by negative log-likelihood on the held-back slice only (bias-corrected temperature scaling: "
+             "the biases undo the class mix that weighted losses and oversampling teach a network). The predicted "
+             f"diagnosis is the largest probability times its decision weight ({weights}): the balanced-accuracy "
+             f"decision. ECE: {cal['bins']} equal-width confidence bins. For comparison, a temperature alone "
+             f"(T = {only['temperature']:.3f}).",
+             "", "| data | images | ECE before | ECE, temperature alone | ECE after | NLL before | "
+             "NLL, temperature alone | NLL after |", "|---|---|---|---|---|---|---|---|"]
     for key, name in (("calibration_slice", "held-back slice (fitted on)"), ("test", "test split")):
-        s = cal[key]
-        lines.append(f"| {name} | {s['n']} | {s['ece_before']:.4f} | {s['ece_after']:.4f} | {s['nll_before']:.4f} | "
-                     f"{s['nll_after']:.4f} |")
+        s, t = cal[key], only[key]
+        lines.append(f"| {name} | {s['n']} | {s['ece_before']:.4f} | {t['ece_after']:.4f} | {s['ece_after']:.4f} | "
+                     f"{s['nll_before']:.4f} | {t['nll_after']:.4f} | {s['nll_after']:.4f} |")
     return "\n".join(lines)
+
+
+def _plain_argmax_ba(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Balanced accuracy of the plain argmax of uncalibrated probabilities (the report's comparison column)."""
+    from hamtune.metrics import classification_metrics
+
+    return float(classification_metrics(labels, probs)["balanced_accuracy"])
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the serve
 
     GET  /          the page (drop or choose an image; bar chart of the seven diagnoses; Grad-CAM overlay)
     GET  /health    {"status": "ok"}
-    GET  /info      the model: name, image_size, members, temperature, classes (code, name), Grad-CAM layer
+    GET  /info      the model: name, image_size, members, calibration, classes (code, name), Grad-CAM layer
     POST /predict   multipart/form-data with the image (JPEG or PNG) in the field `file`;
                     query ?heatmap=false skips the Grad-CAM (faster). Answer:
         {"probabilities": [{"code": "akiec", "name": "Actinic keratoses / ...", "probability": 0.01}, ...],  # 7, in
@@ -16,8 +16,9 @@ API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the serve
          "top": {"code": "nv", "name": "Melanocytic nevus", "probability": 0.83},
          "heatmap": {"code": "nv", "name": "Melanocytic nevus", "layer": "backbone.layer3 (4x4)", "size": 256,
                      "png_base64": "..."}}   # null with ?heatmap=false
-        Probabilities are the model file's members averaged and temperature-scaled as the file says (exactly what
-        `hamtune predict` gives). The heatmap PNG is the centre square the model sees (at 256 px) with the top
+        Probabilities are the model file's members averaged and calibrated as the file says, and "top" is the
+        diagnosis its decision rule picks (exactly what `hamtune predict` gives): with a balanced decision (a
+        calibrated file) that is the largest probability / class frequency, not always the largest probability. The heatmap PNG is the centre square the model sees (at 256 px) with the top
         class's Grad-CAM blended over it (an ensemble: the mean of its members' maps). Errors: 413 body over 20 MB
         or image over 40 megapixels; 415 not a JPEG/PNG; 422 truncated or corrupt image; 400 no `file` field or a
         malformed multipart body.
@@ -132,7 +133,7 @@ def answer(predictor: Predictor, data: bytes, heatmap: bool = True) -> dict:
     image = predictor.decode(data)
     probs = predictor.predict_proba(image[None])[0]
     rows = [{"code": c, "name": DIAGNOSES[c], "probability": float(p)} for c, p in zip(predictor.classes, probs)]
-    top = int(np.argmax(probs))
+    top = int(predictor.decide(probs[None])[0])
     out = {"probabilities": rows, "top": rows[top], "heatmap": None}
     if heatmap:
         cam = predictor.gradcam(image, top)
@@ -195,7 +196,8 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: 
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     info = predictor.describe()
-    scaling = f", temperature {info['temperature']:.3f}" if info["temperature"] != 1.0 else ""
+    scaling = (f", calibrated (temperature {info['temperature']:.3f}, class biases)" if info["calibrated"] else "")
+    scaling += ", balanced-accuracy decision" if info["balanced_decision"] else ""
     echo(f"model {model_path}: {info['model']}, {info['image_size']}px{scaling}, Grad-CAM on {info['gradcam_layer']}")
     if not is_loopback(bound_host):
         echo(f"listening on {bound_host}: anyone who can reach this machine on port {bound_port} can use the page")

@@ -138,6 +138,12 @@ def test_retrain_writes_the_report(retrained, experiment):
     assert torch.allclose(torch.tensor(member["mean"]), member["state_dict"]["mean"].flatten())
     assert len(member["std"]) == 3
     assert saved["temperature"] == pytest.approx(metrics["calibration"]["temperature"]) and saved["temperature"] != 1.0
+    assert saved["class_bias"] == pytest.approx(metrics["calibration"]["class_bias"]) and saved["class_bias"][0] == 0
+    # the balanced-accuracy decision: weights 1 / class frequency in train+val (scaled to mean 1)
+    train_val_counts = np.bincount(pd.read_csv(out_dir / "split.csv").query("role != 'test'")["dx"]
+                                   .map({c: i for i, c in enumerate(CLASSES)}), minlength=len(CLASSES))
+    expected_weights = 1 / np.maximum(train_val_counts, 1)
+    assert saved["decision_weights"] == pytest.approx(expected_weights / expected_weights.mean())
 
     for picture in ("confusion_matrix.png", "training_curve.png"):
         with Image.open(out_dir / picture) as image:
@@ -158,7 +164,8 @@ def test_metrics_equal_sklearn_on_the_predictions(retrained):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     codes = {c: i for i, c in enumerate(CLASSES)}
     y_true, y_pred = pred["true_dx"].map(codes).to_numpy(), pred["predicted_dx"].map(codes).to_numpy()
-    assert (y_pred == probs.argmax(axis=1)).all()
+    weights = np.array(metrics["calibration"]["decision_weights"])
+    assert (y_pred == (probs * weights).argmax(axis=1)).all() and (weights != 1).any()  # the balanced decision
     assert metrics["n_test"] == len(pred)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
@@ -238,7 +245,7 @@ def test_seeds_report_mean_and_std(retrained, experiment, tmp_path, capsys):
 
 
 def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average(experiment, tmp_path, capsys):
-    from hamtune.calibration import apply_temperature, fit_temperature
+    from hamtune.calibration import apply_calibration, fit_calibration
     from hamtune.data import SplitSpec, prepare
     from hamtune.modelfile import load_model
 
@@ -263,8 +270,8 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
         assert f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})" in report
     assert "## Calibration" in report and "(reliability.png)" in report
 
-    # The file holds both members and the temperature, and predicts the temperature-scaled mean of its members:
-    # exactly the probabilities the report scored.
+    # The file holds both members and the calibration, and predicts the calibrated mean of its members: exactly the
+    # probabilities the report scored, and the diagnoses it decided.
     loaded = load_model(best_dir / "model.pt")
     assert len(loaded.members) == 2 and loaded.temperature == pytest.approx(metrics["calibration"]["temperature"])
     d = record["spec"]["data"]
@@ -272,12 +279,16 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
                    split=SplitSpec(d["val"], d["test"], d["split_seed"]), synthetic_size=d["synthetic_size"])
     test = data.arrays("test")
     each = loaded.member_proba(test.images)
-    expected = apply_temperature(np.mean(each, axis=0), loaded.temperature)
+    expected = apply_calibration(np.mean(each, axis=0), loaded.temperature, loaded.class_bias)
     np.testing.assert_allclose(loaded.predict_proba(test.images), expected, atol=1e-12)
     pred = pd.read_csv(best_dir / "predictions.csv").set_index("image_id").loc[data.table["image_id"].iloc[test.index]]
     np.testing.assert_allclose(pred[[f"prob_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-6)
+    decided = (expected * loaded.decision_weights).argmax(1)
+    assert list(pred["predicted_dx"]) == [CLASSES[i] for i in decided]
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test.labels, decided))
     for member, probs in zip(metrics["members"], each):
-        assert member["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test.labels, probs.argmax(1)))
+        assert member["balanced_accuracy_argmax"] == pytest.approx(balanced_accuracy_score(test.labels,
+                                                                                           probs.argmax(1)))
     # probabilities.npz keeps each member's own probabilities, on the test split and on the calibration slice
     with np.load(best_dir / "probabilities.npz") as saved:
         assert list(saved["trial_ids"]) == metrics["trial_ids"]
@@ -286,7 +297,13 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
         split = pd.read_csv(best_dir / "split.csv")
         assert set(saved["calibration_image_ids"]) == set(split.loc[split["role"] == "calibration", "image_id"])
         held_mean = saved["calibration_probs"].mean(axis=0)
-        assert fit_temperature(held_mean, saved["calibration_labels"]) == pytest.approx(loaded.temperature)
+        temperature, bias = fit_calibration(held_mean, saved["calibration_labels"])
+        assert temperature == pytest.approx(loaded.temperature) and bias == pytest.approx(loaded.class_bias)
+        # each member is scored as a one-member file would be: calibrated alone on the same slice, same decision
+        for member, held_k, test_k in zip(metrics["members"], saved["calibration_probs"], saved["test_probs"]):
+            own = apply_calibration(test_k, *fit_calibration(held_k, saved["calibration_labels"]))
+            assert member["balanced_accuracy"] == pytest.approx(
+                balanced_accuracy_score(test.labels, (own * loaded.decision_weights).argmax(1)))
 
 
 def test_calibration_zero_trains_on_all_of_train_val_and_keeps_temperature_one(experiment, tmp_path, capsys):
@@ -298,7 +315,8 @@ def test_calibration_zero_trains_on_all_of_train_val_and_keeps_temperature_one(e
     metrics = json.loads((best_dir / "metrics.json").read_text())
     assert set(split["role"]) == {"train", "test"} and metrics["split"]["calibration"] is None
     assert metrics["split"]["train"] == metrics["split"]["train_val"]
-    assert torch.load(best_dir / "model.pt", weights_only=True)["temperature"] == 1.0
+    saved = torch.load(best_dir / "model.pt", weights_only=True)
+    assert saved["temperature"] == 1.0 and saved["class_bias"] == [0.0] * 7 and saved["decision_weights"] == [1.0] * 7
     assert not (best_dir / "reliability.png").exists() and "## Calibration" not in (best_dir / "report.md").read_text()
     assert main(["best", "tiny", "--retrain", "--calibration", "0.6", "--results-dir", str(results)]) == 2
     assert "--calibration 0.6" in capsys.readouterr().err

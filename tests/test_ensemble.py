@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hamtune.calibration import (
-    apply_temperature, calibration_holdout, calibration_summary, expected_calibration_error, fit_temperature, nll,
-    reliability,
+    apply_calibration, apply_temperature, calibration_holdout, calibration_summary, decision_weights,
+    expected_calibration_error, fit_calibration, fit_temperature, nll, reliability,
 )
 from hamtune.cli import main
 from hamtune.config import TrainConfig
@@ -40,9 +40,9 @@ def images():
     return rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
 
 
-def write_ensemble(path, members, temperature=1.0):
+def write_ensemble(path, members, temperature=1.0, **calibration):
     record = ensemble_record([member_record(m, config=c, extra={"seed": c["seed"]}) for m, c in members],
-                             image_size=16, fingerprint="e" * 20, temperature=temperature)
+                             image_size=16, fingerprint="e" * 20, temperature=temperature, **calibration)
     return save_record(path, record)
 
 
@@ -69,6 +69,27 @@ def test_ensemble_file_round_trips_weights_only_and_predicts_the_members_average
     scaled = load_model(write_ensemble(tmp_path / "scaled.pt", members, temperature=2.5))
     np.testing.assert_allclose(scaled.predict_proba(images), apply_temperature(np.mean(each, axis=0), 2.5), atol=1e-12)
     assert (scaled.predict_proba(images).argmax(1) == loaded.predict_proba(images).argmax(1)).all()
+
+    # class biases and decision weights round-trip and are applied: calibrated mean, then the weighted argmax
+    bias, weights = np.linspace(-1, 1, 7), np.array([3.0, 2.0, 1.0, 4.0, 1.0, 0.1, 4.0])
+    full = load_model(write_ensemble(tmp_path / "full.pt", members, temperature=2.5, class_bias=bias,
+                                     decision_weights=weights))
+    expected = apply_calibration(np.mean(each, axis=0), 2.5, bias)
+    np.testing.assert_allclose(full.predict_proba(images), expected, atol=1e-12)
+    assert (full.decide(expected) == (expected * weights).argmax(1)).all()
+    assert (loaded.decide(expected) == expected.argmax(1)).all()  # defaults: no bias, plain argmax
+    assert loaded.class_bias.tolist() == [0.0] * 7 and loaded.decision_weights.tolist() == [1.0] * 7
+
+
+def test_a_format_2_file_without_bias_or_weights_loads_and_a_bad_one_is_refused(members, images, tmp_path):
+    path = write_ensemble(tmp_path / "old.pt", members[:1], temperature=1.5)
+    record = torch.load(path, weights_only=True)
+    del record["class_bias"], record["decision_weights"]  # as written before they existed
+    old = load_model(save_record(tmp_path / "older.pt", record))
+    assert old.temperature == 1.5 and old.class_bias.tolist() == [0.0] * 7 and old.decision_weights.tolist() == [1.0] * 7
+    record["decision_weights"] = [1.0] * 6 + [0.0]
+    with pytest.raises(Exception, match=r"decision_weights .*expected 7 positive numbers"):
+        load_model(save_record(tmp_path / "bad.pt", record))
 
 
 def test_predict_evaluate_and_serve_read_an_ensemble(members, tmp_path, sample_dir, capsys):
@@ -142,6 +163,32 @@ def test_temperature_scaling_lowers_nll_and_ece_on_its_fitting_data_and_recovers
     underconfident, labels_u = overconfident(5000, 0.5, seed=1)
     assert fit_temperature(underconfident, labels_u) < 1  # sharpening, too
     assert (apply_temperature(probs, 3.0).argmax(1) == probs.argmax(1)).all()  # the top class never changes
+
+
+def test_bias_corrected_calibration_undoes_a_shifted_class_mix_that_a_temperature_cannot():
+    """A 'model' trained to over-predict rare classes (a weighted loss) reports softmax(z - log prior_shift) while the
+    labels follow softmax(z / T): fit_calibration recovers T and the bias, a temperature alone cannot."""
+    rng = np.random.default_rng(2)
+    n, k = 20000, len(CLASSES)
+    z = rng.normal(0, 2.0, (n, k)) + np.log([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])  # HAM10000-like mix
+    truth = apply_calibration(np.exp(z), 1.5)
+    labels = np.array([rng.choice(k, p=p) for p in truth])
+    true_bias = np.log([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02]) / 1.5
+    reported = apply_calibration(np.exp(z), 1.0, -true_bias * 1.5)  # the class mix taken out, as a weighted loss does
+    temperature, bias = fit_calibration(reported, labels)
+    assert temperature == pytest.approx(1.5, rel=0.06) and bias[0] == 0
+    np.testing.assert_allclose(bias - bias.mean(), true_bias - true_bias.mean(), atol=0.15)
+    both = calibration_summary(reported, labels, temperature, bias)
+    alone = calibration_summary(reported, labels, fit_temperature(reported, labels))
+    assert both["nll_after"] < alone["nll_after"] - 0.2 and both["ece_after"] < alone["ece_after"]
+
+    # The balanced decision (probability / class frequency) beats the plain argmax on balanced accuracy.
+    from sklearn.metrics import balanced_accuracy_score
+
+    calibrated, weights = apply_calibration(reported, temperature, bias), decision_weights(labels)
+    assert weights.mean() == pytest.approx(1.0) and weights[5] == weights.min()  # nv, the commonest, weighs least
+    assert (balanced_accuracy_score(labels, (calibrated * weights).argmax(1))
+            > balanced_accuracy_score(labels, calibrated.argmax(1)) + 0.05)
 
 
 def test_ece_by_hand():

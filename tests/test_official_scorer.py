@@ -10,8 +10,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from isic_fixtures import ISIC_COLUMNS, ground_truth_csv, isic_files, sample_table, serve
 from model_fixtures import save_tiny_model
+
+from hamtune.modelfile import save_record
 from scorer_env import official_score
 
 from hamtune.cli import main
@@ -73,6 +76,12 @@ def test_evaluate_on_the_downloaded_official_test_set_matches_the_official_score
 
     # A briefly trained model (its quality does not matter, only that both scorers see the same predictions).
     model = save_tiny_model(tmp_path / "model" / "model.pt")
+    # ...calibrated, with a balanced decision, as the retrain writes it: the official scorer takes the argmax of
+    # submission.csv, which must therefore be hamtune's decision, not the most probable class.
+    record = torch.load(model, weights_only=True)
+    record.update(temperature=1.3, class_bias=[0.0, 0.1, 0.0, -0.1, 0.0, 0.2, 0.0],
+                  decision_weights=[1.2, 0.8, 1.0, 1.5, 0.9, 0.6, 1.3])
+    save_record(model, record)
 
     code = main(["evaluate", "--model", str(model), "--isic2018-test"])
     out, err = capsys.readouterr()
@@ -90,3 +99,7 @@ def test_evaluate_on_the_downloaded_official_test_set_matches_the_official_score
     assert theirs["overall"] == pytest.approx(metrics["balanced_accuracy"], abs=1e-12)
     predicted = submission[list(ISIC_COLUMNS)].to_numpy().argmax(axis=1)
     assert len(set(predicted)) > 1  # not a constant predictor, for which any two scorers agree
+    scored = submission[submission["image"] != ZERO]  # predictions.csv holds the scored images only
+    probs = pd.read_csv(out_dir / "predictions.csv").set_index("image_id").loc[scored["image"]]
+    most_probable = probs[[f"prob_{c.lower()}" for c in ISIC_COLUMNS]].to_numpy().argmax(axis=1)
+    assert (scored[list(ISIC_COLUMNS)].to_numpy().argmax(axis=1) != most_probable).any()  # the decision weights changed some diagnoses, and the scorer saw it
