@@ -141,7 +141,7 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         train, held = _subset(train_val, fit_rows), _subset(train_val, held_rows)
         check_no_calibration_leak(data.table, train.index, held.index, test.index, data.path)
         echo(f"calibration: {len(held)} images / {_sizes(data.table, held)['lesions']} lesions of train+val held "
-             f"back (lesion-grouped, per diagnosis) to fit the temperature; the retrain trains on the other "
+             f"back (lesion-grouped, per diagnosis) to fit the calibration; the retrain trains on the other "
              f"{len(train)}")
     split["train"], split["calibration"] = _sizes(data.table, train), _sizes(data.table, held)
     # Balanced-accuracy decision weights: 1 / class frequency in train+val, the population the calibration answers
