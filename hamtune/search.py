@@ -331,15 +331,17 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         # Finished trials, the searcher's state and our results callback all come back from Tune's own records.
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        # Tune needs the metric itself only when neither the searcher nor the scheduler carries it; the progress
+        # reporter may then not carry it too (Tune refuses both), and Tune hands it to the reporter instead.
+        tune_metric = ({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
+                       else {"metric": spec.search.metric, "mode": spec.search.mode})
         tuner = tune.Tuner(
             trainable,
             param_space=spec.tune_space(),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(spec, warm_points), scheduler=make_scheduler(spec),
                 num_samples=spec.search.num_samples,
-                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors,
-                **({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
-                   else {"metric": spec.search.metric, "mode": spec.search.mode})),
+                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors, **tune_metric),
             run_config=tune.RunConfig(
                 name=tune_name, storage_path=tune_storage, verbose=verbose,
                 callbacks=[ResultsTablesCallback(exp_dir, spec, tune_path)],
@@ -347,7 +349,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=spec.search.metric,
                     checkpoint_score_order=spec.search.mode),  # keeps the best and, always, the latest
-                progress_reporter=_reporter(spec) if verbose else None),
+                progress_reporter=_reporter(spec, with_metric=not tune_metric) if verbose else None),
         )
     grid = tuner.fit()
     wall = time.monotonic() - start
@@ -379,11 +381,12 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     return SearchOutcome(exp_dir=exp_dir, state=record["state"], wall_time_s=wall, trials=trials)
 
 
-def _reporter(spec: SearchSpec):
+def _reporter(spec: SearchSpec, *, with_metric: bool = True):
     cols = {"epoch": "epoch", spec.search.metric: spec.search.metric.removeprefix("val_"), "val_loss": "val_loss",
             "train_images_per_s": "img/s"}
+    metric = {"metric": spec.search.metric, "mode": spec.search.mode} if with_metric else {}
     return tune.CLIReporter(metric_columns=cols, parameter_columns=spec.searched_keys(), max_report_frequency=30,
-                       metric=spec.search.metric, mode=spec.search.mode, sort_by_metric=True, max_progress_rows=12)
+                            sort_by_metric=True, max_progress_rows=12, **metric)
 
 
 def _now() -> str:
