@@ -201,6 +201,8 @@ def cmd_search(args) -> int:
                          resume=args.resume is not None, warm_start=warm_start)
     from hamtune.payoff import compute_payoff, describe_payoff
 
+    if f"best_{spec.search.metric}" not in outcome.trials.columns:  # every trial failed before its first report
+        raise res.no_result_error(outcome.trials, spec.search.metric)
     board = res.leaderboard(outcome.trials, metric=spec.search.metric, mode=spec.search.mode, top=10)
     record = res.read_experiment(outcome.exp_dir)
     print()

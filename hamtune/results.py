@@ -182,13 +182,20 @@ def leaderboard(trials: pd.DataFrame, *, metric: str, mode: str, sort: str | Non
     return board.head(top) if top else board
 
 
+def no_result_error(trials: pd.DataFrame, metric: str) -> HamtuneError:
+    """Why there is nothing to rank: the trials' end states and the first error message a trial left."""
+    counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items()) if "status" in trials else ""
+    messages = trials.loc[trials["status"] == "error", "message"].dropna() if "message" in trials else pd.Series()
+    first = f"; first error: {messages.iloc[0]}" if len(messages) else ""
+    return HamtuneError(f"no completed or stopped trial reported '{metric}' (trials: {counts or 'none'}){first}")
+
+
 def best_trial(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.Series:
     col = f"best_{metric}"
     ok = trials[trials["status"].isin(["completed", "stopped"]) & trials.get(col, pd.Series(dtype=float)).notna()] \
         if col in trials.columns else trials.iloc[0:0]
     if ok.empty:
-        counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
-        raise HamtuneError(f"no completed or stopped trial reported '{metric}' (trials: {counts or 'none'})")
+        raise no_result_error(trials, metric)
     idx = ok[col].idxmax() if mode == "max" else ok[col].idxmin()
     return ok.loc[idx]
 

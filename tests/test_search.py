@@ -273,8 +273,7 @@ def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local,
     """A weights file that exists (so the preflight passes) but is not a weights file: every retry would fail alike."""
     import json
 
-    from hamtune.search import run_search
-    from hamtune.space import spec_from_dict
+    from hamtune.cli import main
 
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"this is not a weights file")
@@ -282,9 +281,16 @@ def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local,
         "experiment": "input-error", "model.pretrained": str(corrupt), "search.searcher": "random",
         "search.scheduler": "fifo", "search.num_samples": 2, "search.max_failures": 3, "train.epochs": 1,
         "space": {"lr": {"choice": [1e-3, 2e-3]}}})
-    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
-    assert outcome.state == "finished"
-    trials = outcome.trials
+    # Through the CLI: a search whose every trial failed exits 2 with one line that says why, not a leaderboard error.
+    capfd.readouterr()
+    assert main(["search", "--space", str(write_spec(tmp_path, raw)), "--results-dir", str(tmp_path / "results")]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hamtune: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "hamtune: error: no completed or stopped trial reported 'val_balanced_accuracy' (trials: 2 error); first "
+        f"error: pretrained: cannot read weights file '{corrupt}'"), errors
+    trials, _ = res.load_tables(tmp_path / "results" / "input-error")
+    assert res.read_experiment(tmp_path / "results" / "input-error")["state"] == "finished"
     assert len(trials) == 2 and set(trials["status"]) == {"error"}
     reason = f"pretrained: cannot read weights file '{corrupt}'"
     assert all(m.startswith(reason) and "\n" not in m for m in trials["message"]), trials["message"]
@@ -301,7 +307,6 @@ def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local,
         assert not (trial_dir / "error.txt").exists()  # Tune writes that for a trial that raised
     _, history = res.load_tables(tmp_path / "results" / "input-error")
     assert "traceback" not in history.columns
-    err = capfd.readouterr().err
     for trial_id in trials["trial_id"]:
         assert f"hamtune: trial {trial_id}: error: {reason}" in err
     assert "Traceback" not in err
