@@ -16,7 +16,9 @@ from typing import Any
 from hamtune.errors import HamtuneError
 
 log = logging.getLogger("hamtune")
-CLUSTER_TIMEOUT_S = 15.0  # a node that has not answered by then is left to its trials' own check
+# A node that has not answered by then is left to its trials' own check. A node's first task starts a Python
+# worker that imports torch and timm: 15 s was too short on a loaded 2-core machine.
+CLUSTER_TIMEOUT_S = 60.0
 
 
 def weight_requests(train: Mapping[str, Any], space: Mapping[str, Any]) -> list[tuple[str, bool | str]]:
