@@ -139,8 +139,9 @@ def _describe_model(loaded) -> str:
                if len(loaded.members) > 1 else "one network")
     scaling = (f"calibrated with temperature T = {loaded.temperature:.3f} and one bias per class (fitted on data held "
                "back from training)" if loaded.calibrated else "no calibration")
-    rule = ("the predicted diagnosis is the largest probability / class frequency (the balanced-accuracy decision)"
-            if np.any(loaded.decision_weights != 1.0) else "the predicted diagnosis is the most probable one")
+    rule = ("the predicted diagnosis is the networks' own (the argmax before calibration, which the search selected "
+            "for), not always the most probable after it" if np.any(loaded.decision_weights != 1.0)
+            else "the predicted diagnosis is the most probable one")
     return f"model: {members}; {scaling}; {rule}."
 
 

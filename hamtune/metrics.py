@@ -29,9 +29,8 @@ HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
 
 
 def decide(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """The predicted class of each row: argmax of probs * weights (plain argmax without weights). With calibrated
-    probabilities and weights 1 / class frequency (hamtune.calibration.decision_weights) this is the decision that
-    maximises expected balanced accuracy."""
+    """The predicted class of each row: argmax of probs * weights (plain argmax without weights). A calibrated model
+    file's weights (hamtune.calibration.argmax_preserving_weights) make this the argmax its networks gave."""
     probs = np.asarray(probs, dtype=np.float64)
     return (probs if weights is None else probs * np.asarray(weights, dtype=np.float64)).argmax(axis=1)
 

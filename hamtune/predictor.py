@@ -168,7 +168,7 @@ class Predictor:
             "trained_on": self.info.get("data_fingerprint"), "experiment": self.info.get("experiment"),
             "members": len(self.members), "temperature": self.loaded.temperature,
             "class_bias": self.loaded.class_bias.tolist(), "calibrated": self.loaded.calibrated,
-            "balanced_decision": bool(np.any(self.loaded.decision_weights != 1.0)), "gradcam_layer": self.cam_layers,
+            "decision_differs": bool(np.any(self.loaded.decision_weights != 1.0)), "gradcam_layer": self.cam_layers,
         }
 
     # -- helpers --------------------------------------------------------------------------------------------------

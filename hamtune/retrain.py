@@ -26,8 +26,8 @@ from hamtune.errors import HamtuneError
 from hamtune.io import atomic_write_bytes, write_csv
 from hamtune.metrics import HEADLINE_METRICS, classification_report_table, evaluation_metrics, summary_line
 from hamtune.calibration import (
-    CALIBRATION_FRACTION, ECE_BINS, apply_calibration, calibration_holdout, calibration_summary, decision_weights,
-    fit_calibration, fit_temperature, plot_reliability,
+    CALIBRATION_FRACTION, ECE_BINS, apply_calibration, argmax_preserving_weights, calibration_holdout,
+    calibration_summary, fit_calibration, fit_temperature, plot_reliability,
 )
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import CLASSES
@@ -107,10 +107,9 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
     """Train each chosen config once per seed, average their probabilities, calibrate them, test once, report.
 
     The members train on train+val less a lesion-grouped, class-stratified `calibration` fraction of it, on which
-    the temperature and class biases of the averaged probabilities are fitted (hamtune.calibration), and the
-    predicted diagnosis is then the balanced-accuracy decision (largest probability / class frequency); 0 = no
-    hold-out, no calibration, plain argmax. Every member (calibrated on the same slice, alone) and the ensemble are
-    tested once; the saved model.pt is the first seed's ensemble.
+    the temperature and class biases of the averaged probabilities are fitted (hamtune.calibration); the predicted
+    diagnosis stays the argmax of the uncalibrated average; 0 = no hold-out, no calibration. Every member and the
+    ensemble are tested once; the saved model.pt is the first seed's ensemble.
     """
     import torch
     from tqdm import tqdm
@@ -144,9 +143,6 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
              f"back (lesion-grouped, per diagnosis) to fit the calibration; the retrain trains on the other "
              f"{len(train)}")
     split["train"], split["calibration"] = _sizes(data.table, train), _sizes(data.table, held)
-    # Balanced-accuracy decision weights: 1 / class frequency in train+val, the population the calibration answers
-    # for (the held-back slice is a stratified part of it). Without calibration: plain argmax.
-    weights = decision_weights(train_val.labels) if held is not None else np.ones(len(CLASSES))
     member_epochs = [int(epochs or c.best_epoch) for c in choices]
     names = [f"trial {c.trial['trial_id']}" for c in choices]
     if len(choices) > 1:
@@ -180,10 +176,7 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
 
             test_probs = proba(test)
             held_probs = proba(held) if held is not None else None
-            # Each member alone, as a one-member model file would be: calibrated on the same slice, same decision.
-            own = fit_calibration(held_probs, held.labels) if held is not None else (1.0, None)
-            metrics = evaluation_metrics(test.labels, apply_calibration(test_probs, *own), lesions, weights=weights)
-            metrics["balanced_accuracy_argmax"] = _plain_argmax_ba(test.labels, test_probs)
+            metrics = evaluation_metrics(test.labels, test_probs, lesions)
             if len(choices) > 1:
                 echo(f"test, {name}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
             members.append({"rank": rank + 1, "trial_id": c.trial["trial_id"], "seed": seed, "epochs": n_epochs,
@@ -210,17 +203,17 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
             temperature, bias = 1.0, np.zeros(len(CLASSES))
             scaling = {"temperature": 1.0, "class_bias": bias.tolist(),
                        "test": calibration_summary(raw, test.labels, 1.0)}
+        weights = argmax_preserving_weights(bias)  # the calibration changes no prediction
         scaling["decision_weights"] = weights.tolist()
         probs = apply_calibration(raw, temperature, bias)
         metrics = evaluation_metrics(test.labels, probs, lesions, weights=weights)
-        metrics["balanced_accuracy_argmax"] = _plain_argmax_ba(test.labels, raw)
         what = "ensemble" if len(choices) > 1 else "model"
         echo(f"test, {what}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
         if held is not None:
             t = scaling["test"]
             echo(f"calibration (temperature {temperature:.3f} and class biases, fitted on the held-back slice): test "
                  f"ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}, NLL {t['nll_before']:.4f} -> "
-                 f"{t['nll_after']:.4f}; predicted diagnosis: largest probability / class frequency")
+                 f"{t['nll_after']:.4f} (predictions unchanged)")
         runs.append({"seed": seed, "members": members, "metrics": metrics, "scaling": scaling})
         if saved is None:  # the first seed's models are the ones kept, chosen before any test score was seen
             saved = {"seed": seed, "members": members, "probs": probs, "raw_probs": raw, "metrics": metrics,
@@ -234,15 +227,14 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         "data": {"fingerprint": data.fingerprint, "cache": str(data.path), "decoded": data.decoded},
         "top": len(choices), "trial_ids": [c.trial["trial_id"] for c in choices],
         "members": [{k: m[k] for k in ("rank", "trial_id", "seed", "epochs", f"search_{choice.metric}")}
-                    | {k: m["metrics"][k]
-                       for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95", "balanced_accuracy_argmax")}
+                    | {k: m["metrics"][k] for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95")}
                     for m in saved["members"]],
         "calibration": {"fraction": calibration, "bins": ECE_BINS,
                         "method": "temperature and one bias per class on the log of the averaged probabilities "
                                   "(bias-corrected temperature scaling), fitted by NLL on the held-back slice of "
                                   "train+val; predicted diagnosis: argmax of probability * decision_weights "
-                                  "(1 / class frequency in train+val, scaled to mean 1)" if held is not None
-                                  else "none (--calibration 0): plain argmax", **saved["scaling"]},
+                                  "(exp(-class_bias): the argmax of the uncalibrated average)" if held is not None
+                                  else "none (--calibration 0)", **saved["scaling"]},
     }
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": r["seed"], **{k: r["metrics"][k] for k in HEADLINE_METRICS},
@@ -384,19 +376,16 @@ def _members_markdown(metrics: dict, metric: str) -> str:
         lo, hi = row["balanced_accuracy_ci95"]
         return f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})"
 
-    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC | "
-             "BA, plain argmax, uncalibrated |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC |",
+             "|---|---|---|---|---|---|---|"]
     for m in metrics["members"]:
         lines.append(f"| member {m['rank']} | `{m['trial_id']}` | {m[f'search_{metric}']:.4f} | {m['accuracy']:.4f} | "
-                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} | "
-                     f"{m['balanced_accuracy_argmax']:.4f} |")
+                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} |")
     lines.append(f"| **ensemble** (mean probabilities, calibrated) | all | – | {metrics['accuracy']:.4f} | "
-                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} | "
-                 f"{metrics['balanced_accuracy_argmax']:.4f} |")
-    lines += ["", f"Seed {metrics['model_seed']}. Every row is scored as its model file would be used: each member "
-              "alone is calibrated on the same held-back slice, and every predicted diagnosis is the largest "
-              "probability / class frequency (without calibration, `--calibration 0`: the largest probability). The "
-              "last column is the plain argmax of the uncalibrated probabilities, for comparison."]
+                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} |")
+    lines += ["", f"Seed {metrics['model_seed']}. The calibration changes no prediction (each diagnosis is the argmax "
+              "of the uncalibrated probabilities), so accuracy, balanced accuracy and F1 are those of the plain "
+              "average; members' AUCs are of their own uncalibrated probabilities."]
     return "\n".join(lines)
 
 
@@ -409,8 +398,9 @@ def _calibration_markdown(cal: dict) -> str:
     lines = [f"p -> softmax(log p / T + b) with T = {cal['temperature']:.3f} and class biases b: {bias}; fitted "
              "together by negative log-likelihood on the held-back slice only (bias-corrected temperature scaling: "
              "the biases undo the class mix that weighted losses and oversampling teach a network). The predicted "
-             f"diagnosis is the largest probability times its decision weight ({weights}): the balanced-accuracy "
-             f"decision. ECE: {cal['bins']} equal-width confidence bins. For comparison, a temperature alone "
+             f"diagnosis is the largest probability times its decision weight ({weights}, = exp(-b)): the argmax of "
+             "the uncalibrated probabilities, so no prediction changes. ECE: "
+             f"{cal['bins']} equal-width confidence bins. For comparison, a temperature alone "
              f"(T = {only['temperature']:.3f}).",
              "", "| data | images | ECE before | ECE, temperature alone | ECE after | NLL before | "
              "NLL, temperature alone | NLL after |", "|---|---|---|---|---|---|---|---|"]
@@ -420,12 +410,6 @@ def _calibration_markdown(cal: dict) -> str:
                      f"{s['nll_before']:.4f} | {t['nll_after']:.4f} | {s['nll_after']:.4f} |")
     return "\n".join(lines)
 
-
-def _plain_argmax_ba(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Balanced accuracy of the plain argmax of uncalibrated probabilities (the report's comparison column)."""
-    from hamtune.metrics import classification_metrics
-
-    return float(classification_metrics(labels, probs)["balanced_accuracy"])
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:

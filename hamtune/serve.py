@@ -17,8 +17,8 @@ API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the serve
          "heatmap": {"code": "nv", "name": "Melanocytic nevus", "layer": "backbone.layer3 (4x4)", "size": 256,
                      "png_base64": "..."}}   # null with ?heatmap=false
         Probabilities are the model file's members averaged and calibrated as the file says, and "top" is the
-        diagnosis its decision rule picks (exactly what `hamtune predict` gives): with a balanced decision (a
-        calibrated file) that is the largest probability / class frequency, not always the largest probability. The heatmap PNG is the centre square the model sees (at 256 px) with the top
+        diagnosis its decision rule picks (exactly what `hamtune predict` gives): for a calibrated file the
+        networks' own choice (the argmax before calibration), not always the largest calibrated probability. The heatmap PNG is the centre square the model sees (at 256 px) with the top
         class's Grad-CAM blended over it (an ensemble: the mean of its members' maps). Errors: 413 body over 20 MB
         or image over 40 megapixels; 415 not a JPEG/PNG; 422 truncated or corrupt image; 400 no `file` field or a
         malformed multipart body.
@@ -197,7 +197,7 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: 
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     info = predictor.describe()
     scaling = (f", calibrated (temperature {info['temperature']:.3f}, class biases)" if info["calibrated"] else "")
-    scaling += ", balanced-accuracy decision" if info["balanced_decision"] else ""
+
     echo(f"model {model_path}: {info['model']}, {info['image_size']}px{scaling}, Grad-CAM on {info['gradcam_layer']}")
     if not is_loopback(bound_host):
         echo(f"listening on {bound_host}: anyone who can reach this machine on port {bound_port} can use the page")

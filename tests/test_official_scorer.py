@@ -76,7 +76,7 @@ def test_evaluate_on_the_downloaded_official_test_set_matches_the_official_score
 
     # A briefly trained model (its quality does not matter, only that both scorers see the same predictions).
     model = save_tiny_model(tmp_path / "model" / "model.pt")
-    # ...calibrated, with a balanced decision, as the retrain writes it: the official scorer takes the argmax of
+    # ...calibrated, with decision weights, as the retrain writes them: the official scorer takes the argmax of
     # submission.csv, which must therefore be hamtune's decision, not the most probable class.
     record = torch.load(model, weights_only=True)
     record.update(temperature=1.3, class_bias=[0.0, 0.1, 0.0, -0.1, 0.0, 0.2, 0.0],
