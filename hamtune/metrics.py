@@ -131,23 +131,43 @@ def bootstrap_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, groups: 
     A resample is a count per group (multinomial), so each resample costs two matrix products, not a Python loop.
     Hand-written because scipy.stats.bootstrap and sklearn resample images, not lesions (clusters).
     """
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if len(y_true) == 0:
         return math.nan, math.nan
+    scores = bootstrap_scores(y_true, [y_pred], groups, resamples=resamples, seed=seed, num_classes=num_classes)
+    lo, hi = np.percentile(scores[:, 0], [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_difference(y_true: np.ndarray, y_pred_a: np.ndarray, y_pred_b: np.ndarray,
+                         groups: Sequence | None = None, **kwargs) -> tuple[float, float]:
+    """95% interval of balanced accuracy(a) - balanced accuracy(b) on the same resamples (paired): whether a beats
+    b on this test set, which two overlapping single intervals cannot say."""
+    if len(y_true) == 0:
+        return math.nan, math.nan
+    scores = bootstrap_scores(y_true, [y_pred_a, y_pred_b], groups, **kwargs)
+    lo, hi = np.percentile(scores[:, 0] - scores[:, 1], [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_scores(y_true: np.ndarray, y_preds: Sequence[np.ndarray], groups: Sequence | None = None, *,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """(resamples, len(y_preds)) balanced accuracies of each prediction on the same lesion (or image) resamples."""
+    y_true = np.asarray(y_true, dtype=np.int64)
     codes = np.arange(len(y_true)) if groups is None else pd.factorize(pd.Series(list(groups)))[0]
     n_groups = int(codes.max()) + 1
     onehot = np.eye(num_classes)[y_true]
-    hits = onehot * (y_true == y_pred)[:, None]
+    hits = [onehot * (y_true == np.asarray(y_pred, dtype=np.int64))[:, None] for y_pred in y_preds]
     rng = np.random.default_rng(seed)
     scores = []
     for start in range(0, resamples, 100):
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(100, resamples - start))
         weights = counts[:, codes].astype(np.float64)  # (B, N): how often each image is drawn
         with np.errstate(invalid="ignore", divide="ignore"):
-            recall = (weights @ hits) / (weights @ onehot)  # nan for classes absent from the resample
-        scores.append(np.nanmean(recall, axis=1))
-    lo, hi = np.percentile(np.concatenate(scores), [2.5, 97.5])
-    return float(lo), float(hi)
+            support = weights @ onehot
+            # nan for classes absent from the resample
+            scores.append(np.stack([np.nanmean((weights @ h) / support, axis=1) for h in hits], axis=1))
+    return np.concatenate(scores)
 
 
 def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, groups: Sequence | None = None, *,

@@ -24,7 +24,9 @@ from hamtune.config import TrainConfig
 from hamtune.data.cache import prepare_spec_data
 from hamtune.errors import HamtuneError
 from hamtune.io import atomic_write_bytes, write_csv
-from hamtune.metrics import HEADLINE_METRICS, classification_report_table, evaluation_metrics, summary_line
+from hamtune.metrics import (
+    HEADLINE_METRICS, bootstrap_difference, classification_report_table, decide, evaluation_metrics, summary_line,
+)
 from hamtune.calibration import (
     CALIBRATION_FRACTION, ECE_BINS, apply_calibration, argmax_preserving_weights, calibration_holdout,
     calibration_summary, fit_calibration, fit_temperature, plot_reliability,
@@ -207,6 +209,10 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         scaling["decision_weights"] = weights.tolist()
         probs = apply_calibration(raw, temperature, bias)
         metrics = evaluation_metrics(test.labels, probs, lesions, weights=weights)
+        if len(members) > 1:  # does the ensemble beat each member? paired: the same lesion resamples for both
+            for m in members:
+                m["metrics"]["ensemble_minus_member_ci95"] = list(bootstrap_difference(
+                    test.labels, decide(probs, weights), m["test_probs"].argmax(axis=1), lesions))
         what = "ensemble" if len(choices) > 1 else "model"
         echo(f"test, {what}, seed {seed} ({len(test)} images): {summary_line(metrics)}")
         if held is not None:
@@ -228,6 +234,8 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
         "top": len(choices), "trial_ids": [c.trial["trial_id"] for c in choices],
         "members": [{k: m[k] for k in ("rank", "trial_id", "seed", "epochs", f"search_{choice.metric}")}
                     | {k: m["metrics"][k] for k in (*HEADLINE_METRICS, "balanced_accuracy_ci95")}
+                    | ({"ensemble_minus_member_ci95": m["metrics"]["ensemble_minus_member_ci95"]}
+                       if len(saved["members"]) > 1 else {})
                     for m in saved["members"]],
         "calibration": {"fraction": calibration, "bins": ECE_BINS,
                         "method": "temperature and one bias per class on the log of the averaged probabilities "
@@ -376,16 +384,22 @@ def _members_markdown(metrics: dict, metric: str) -> str:
         lo, hi = row["balanced_accuracy_ci95"]
         return f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})"
 
-    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC |",
-             "|---|---|---|---|---|---|---|"]
+    def gain(row: dict) -> str:
+        lo, hi = row["ensemble_minus_member_ci95"]
+        return f"{metrics['balanced_accuracy'] - row['balanced_accuracy']:+.4f} ({lo:+.4f} to {hi:+.4f})"
+
+    lines = [f"| model | trial | search {metric} | accuracy | balanced accuracy (95% CI) | macro F1 | macro AUC | "
+             "ensemble minus member, balanced accuracy (paired 95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for m in metrics["members"]:
         lines.append(f"| member {m['rank']} | `{m['trial_id']}` | {m[f'search_{metric}']:.4f} | {m['accuracy']:.4f} | "
-                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} |")
+                     f"{ci(m)} | {m['macro_f1']:.4f} | {report.format_value(m['macro_auc'])} | {gain(m)} |")
     lines.append(f"| **ensemble** (mean probabilities, calibrated) | all | – | {metrics['accuracy']:.4f} | "
-                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} |")
+                 f"{ci(metrics)} | {metrics['macro_f1']:.4f} | {report.format_value(metrics['macro_auc'])} | – |")
     lines += ["", f"Seed {metrics['model_seed']}. The calibration changes no prediction (each diagnosis is the argmax "
               "of the uncalibrated probabilities), so accuracy, balanced accuracy and F1 are those of the plain "
-              "average; members' AUCs are of their own uncalibrated probabilities."]
+              "average; members' AUCs are of their own uncalibrated probabilities. The last column resamples the "
+              "same lesions for the ensemble and the member: an interval above 0 means the ensemble beats that member "
+              "on this test set."]
     return "\n".join(lines)
 
 

@@ -266,6 +266,10 @@ def test_top_k_ensemble_reports_every_member_and_its_file_predicts_their_average
     for row in (*metrics["members"], metrics):
         lo, hi = row["balanced_accuracy_ci95"]
         assert f"{row['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})" in report
+    for member in metrics["members"]:  # the paired interval of (ensemble - member), around the observed difference
+        lo, hi = member["ensemble_minus_member_ci95"]
+        difference = metrics["balanced_accuracy"] - member["balanced_accuracy"]
+        assert lo <= difference <= hi and f"{difference:+.4f} ({lo:+.4f} to {hi:+.4f})" in report
     assert "## Calibration" in report and "(reliability.png)" in report
 
     # The file holds both members and the calibration, and predicts the calibrated mean of its members: exactly the

@@ -105,3 +105,19 @@ def test_per_class_table():
     assert table.loc["macro avg", "f1"] == pytest.approx(m["macro_f1"])
     assert table.loc["weighted avg", "recall"] == pytest.approx(m["accuracy"])
     assert table.loc["macro avg", "support"] == len(Y_TRUE)
+
+
+def test_paired_bootstrap_difference_is_zero_for_a_model_against_itself_and_positive_for_a_better_one():
+    from hamtune.metrics import bootstrap_balanced_accuracy, bootstrap_difference, bootstrap_scores
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 7, 400)
+    lesions = [f"L{i // 2}" for i in range(400)]
+    good = np.where(rng.random(400) < 0.8, y_true, (y_true + 1) % 7)
+    poor = np.where(rng.random(400) < 0.4, y_true, (y_true + 1) % 7)
+    assert bootstrap_difference(y_true, good, good, lesions) == (0.0, 0.0)
+    lo, hi = bootstrap_difference(y_true, good, poor, lesions)
+    assert 0 < lo < 0.4 < hi < 0.6
+    # the paired scores are the single-model bootstrap's, resample for resample
+    scores = bootstrap_scores(y_true, [good, poor], lesions)
+    assert tuple(np.percentile(scores[:, 0], [2.5, 97.5])) == bootstrap_balanced_accuracy(y_true, good, lesions)
