@@ -1,7 +1,7 @@
 """Figures of a final model (`hamtune best NAME --retrain --top K`) recomputed from its probabilities.npz and split.csv
 with hamtune's own functions: members and ensemble with lesion-bootstrap intervals, the paired (ensemble - member)
 intervals, ECE / NLL before, after a temperature alone and after the temperature + class-bias calibration, and the
-ECE a perfectly calibrated model would show on the same test images (the noise floor).
+ECE a perfectly calibrated model would show on the same test images (calibration_summary's ece_floor).
 Also compares, on the calibration slice only (the data a choice may be made on), the argmax decision with the
 "balanced" one (largest calibrated probability / class frequency).
 
@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.calibration import (
-    apply_calibration, argmax_preserving_weights, calibration_summary, expected_calibration_error,
-    fit_calibration, fit_temperature,
+    apply_calibration, argmax_preserving_weights, calibration_summary, fit_calibration, fit_temperature,
 )
 from hamtune.metrics import bootstrap_difference, classification_metrics, decide, evaluation_metrics
 
@@ -44,14 +43,6 @@ def main(best_dir: Path) -> dict:
                                "ensemble_minus_member_ci95": bootstrap_difference(
                                    y, decide(probs, weights), test_k.argmax(axis=1), lesions)})
     t_only = fit_temperature(cal_raw, cal_y)
-    # ECE has a floor on a finite test set: even labels drawn from the calibrated probabilities themselves (a
-    # perfectly calibrated model by construction) give a non-zero ECE. Its spread says what ECE this set can resolve.
-    rng = np.random.default_rng(0)
-    last = probs.shape[1] - 1
-    floor = [expected_calibration_error(
-        probs, np.minimum((rng.random((len(probs), 1)) > probs.cumsum(axis=1)).sum(axis=1), last)) for _ in range(200)]
-    out["ece_of_a_perfectly_calibrated_model"] = {"median": float(np.median(floor)),
-                                                  "p5_p95": np.percentile(floor, [5, 95]).tolist(), "draws": 200}
     out["calibration"] = {"temperature": temperature, "class_bias": bias.tolist(), "temperature_only": t_only,
                           "test": calibration_summary(raw, y, temperature, bias),
                           "test_temperature_only": calibration_summary(raw, y, t_only),

@@ -132,13 +132,26 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float((used["count"] * (used["accuracy"] - used["confidence"]).abs()).sum() / max(1, len(labels)))
 
 
+def ece_noise_floor(probs: np.ndarray, bins: int = ECE_BINS, *, draws: int = 200, seed: int = 0) -> dict:
+    """The ECE a perfectly calibrated model shows on these rows: labels drawn from `probs` themselves (calibrated by
+    construction), `draws` times. A finite test set cannot resolve an ECE below about this."""
+    probs = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    cumulative, last = probs.cumsum(axis=1), probs.shape[1] - 1
+    values = [expected_calibration_error(probs, np.minimum((rng.random((len(probs), 1)) > cumulative).sum(axis=1),
+                                                           last), bins) for _ in range(draws)]
+    return {"median": float(np.median(values)), "p5_p95": [float(v) for v in np.percentile(values, [5, 95])],
+            "draws": draws}
+
+
 def calibration_summary(probs: np.ndarray, labels: np.ndarray, temperature: float,
                         class_bias: np.ndarray | None = None) -> dict:
-    """NLL and ECE before and after applying the calibration (temperature, biases) to `probs`."""
+    """NLL and ECE before and after applying the calibration (temperature, biases) to `probs`, and the ECE a
+    perfectly calibrated model would show on the same rows (ece_noise_floor of the calibrated probabilities)."""
     after = apply_calibration(probs, temperature, class_bias)
     return {"n": int(len(labels)), "nll_before": nll(probs, labels), "nll_after": nll(after, labels),
             "ece_before": expected_calibration_error(probs, labels),
-            "ece_after": expected_calibration_error(after, labels)}
+            "ece_after": expected_calibration_error(after, labels), "ece_floor": ece_noise_floor(after)}
 
 
 def calibration_holdout(table: pd.DataFrame, index: np.ndarray, fraction: float = CALIBRATION_FRACTION, *,

@@ -157,6 +157,11 @@ def test_temperature_scaling_lowers_nll_and_ece_on_its_fitting_data_and_recovers
     summary = calibration_summary(probs, labels, temperature)
     assert summary["nll_after"] < summary["nll_before"] - 0.05
     assert summary["ece_after"] < summary["ece_before"] / 2
+    # the recovered temperature is as good as 20,000 rows can show: its ECE lies in a perfect model's noise floor,
+    # while the overconfident probabilities lie far above it
+    floor = summary["ece_floor"]
+    assert floor["p5_p95"][0] <= floor["median"] <= floor["p5_p95"][1] and floor["draws"] == 200
+    assert summary["ece_after"] <= floor["p5_p95"][1] and summary["ece_before"] > 5 * floor["p5_p95"][1]
     assert nll(apply_temperature(probs, temperature), labels) <= min(
         nll(apply_temperature(probs, t), labels) for t in (temperature * 0.9, temperature * 1.1))
 
