@@ -11,9 +11,9 @@ Format version 2 holds an ensemble: `members`, a list of one or more networks, e
 model name, head settings and full TrainConfig, whose class probabilities are averaged; `temperature` and
 `class_bias`, the calibration fitted after training (hamtune.calibration; 1.0 and zeros = none), applied to the
 averaged probabilities; and `decision_weights`, what decide() multiplies the calibrated probabilities by to pick a
-diagnosis (ones = plain argmax; the retrain writes exp(-class_bias), which keeps the networks' own argmax). Format 2 files written before class_bias and decision_weights existed load with
-zeros and ones. Version 1 files (one network, its entries at the top level) still load, as a one-member ensemble at
-temperature 1.
+diagnosis (ones = plain argmax; the retrain writes exp(-class_bias), which keeps the networks' own argmax). Format 2
+files written before class_bias and decision_weights existed load with zeros and ones. Version 1 files (one
+network, its entries at the top level) still load, as a one-member ensemble at temperature 1.
 """
 
 from __future__ import annotations
