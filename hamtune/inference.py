@@ -166,6 +166,10 @@ def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo
     bad = {i for i, _ in failures}
     kept = [p for i, p in enumerate(paths) if i not in bad]
     top = loaded.decide(probs)
+    if np.any(loaded.decision_weights != 1.0):
+        echo("predicted_dx is the networks' own choice (the argmax before calibration, which the search selected "
+             "for); the probabilities are calibrated to HAM10000's mix of diagnoses, so it is not always the most "
+             "probable one")
     table = pd.DataFrame({
         "path": [str(p) for p in kept], "image_id": [p.stem for p in kept],
         "predicted_dx": [CLASSES[i] for i in top], "diagnosis": [DIAGNOSES[CLASSES[i]] for i in top],

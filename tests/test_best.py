@@ -338,5 +338,7 @@ def test_retrained_model_evaluates_and_predicts_real_images(retrained, tmp_path,
                  str(SAMPLE / "HAM10000_metadata.csv"), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_test"] == 140 and metrics["unlabelled_images"] == 0 and metrics["missing_images"] == 0
+    capsys.readouterr()
     assert main(["predict", "--model", str(model), str(SAMPLE), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 140
+    assert "predicted_dx is the networks' own choice" in capsys.readouterr().err  # a calibrated file says so
