@@ -63,19 +63,19 @@ class BatchAugment:
         u = torch.rand(n, 11, generator=generator) * 2.0 - 1.0  # uniform in [-1, 1)
         theta = self._theta(u[:, :7], h, w)
         matrix, grey_weight = self._colour_map(u[:, 7:])
-        params = _send(torch.cat([theta.reshape(n, 6), matrix.reshape(n, 9), grey_weight.view(n, 1)], 1), x.device)
+        params = to_device(torch.cat([theta.reshape(n, 6), matrix.reshape(n, 9), grey_weight.view(n, 1)], 1), x.device)
         x = _resample(x, params[:, :6].view(n, 2, 3))
         x = _recolour(x, params[:, 6:15].view(n, 3, 3), params[:, 15])
         return x.clamp_(0.0, 1.0)
 
     def _affine(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The geometric part alone (u: (n, 7) CPU draws in [-1, 1)), unclamped."""
-        return _resample(x, _send(self._theta(u, x.shape[2], x.shape[3]), x.device))
+        return _resample(x, to_device(self._theta(u, x.shape[2], x.shape[3]), x.device))
 
     def _colour(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The colour part alone (u: (n, 4) CPU draws in [-1, 1)), unclamped."""
         matrix, grey_weight = self._colour_map(u)
-        return _recolour(x, _send(matrix, x.device), _send(grey_weight, x.device))
+        return _recolour(x, to_device(matrix, x.device), to_device(grey_weight, x.device))
 
     def _theta(self, u: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Flips, rotation and random resized crop as one (n, 2, 3) affine_grid matrix per image (u: CPU draws in
@@ -150,8 +150,9 @@ def _recolour(x: torch.Tensor, matrix: torch.Tensor, grey_weight: torch.Tensor) 
     return out.add_((grey_weight * mean_grey).view(-1, 1, 1, 1))
 
 
-def _send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU through pinned memory without blocking the host."""
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory without blocking the host (a plain .to(cuda) waits
+    for every queued kernel). The one host-to-device copy of hamtune's training path: train.py's batches use it too."""
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

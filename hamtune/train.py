@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hamtune.augment import BatchAugment
+from hamtune.augment import BatchAugment, to_device
 from hamtune.config import TrainConfig
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.ham10000 import CLASSES, NUM_CLASSES
@@ -122,10 +122,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = _from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return to_device(_from_numpy(array), device)
 
 
 def _images_to_input(images_u8: torch.Tensor, augment: BatchAugment | None, generator: torch.Generator | None,
