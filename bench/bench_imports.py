@@ -22,10 +22,10 @@ import common
 
 HEADING = "## Trial import path"
 ROOT = Path(__file__).resolve().parents[1]
-# A Ray worker unpickles the trainable (importing its module) and runs it. Before issue 10 the trainable lived in
-# hamtune.search and imported ray.tune and hamtune.train when called; now it is hamtune.trainable.
-CODE_BEFORE = "import ray.tune, hamtune.search, hamtune.train"
-CODE_AFTER = "import ray.tune, hamtune.trainable"
+# A Ray worker unpickles the trainable (importing its module) and runs it. Before issue 18 the trainable was
+# hamtune.trainable (one flat package); now it is hamtune.search.trainable.
+CODE_BEFORE = "import ray.tune, hamtune.trainable"
+CODE_AFTER = "import ray.tune, hamtune.search.trainable"
 
 
 def measure(tree: Path, code: str) -> dict:
@@ -51,7 +51,7 @@ def total_us(rows: list[tuple[str, int, int]]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="2fb6a66", help="the commit to compare against (default: before issue 10)")
+    parser.add_argument("--before", default="867f7d1", help="the commit to compare against (default: before issue 18)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dry-run", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """How close does hamtune's training loop get to the bare model step?
 
 (a) the limit: forward + backward + optimizer step on a float batch already in memory, nothing else;
-(b) hamtune.train.train_one_epoch over read-only uint8 arrays: fancy-index gather, uint8 -> float, BatchAugment,
+(b) hamtune.training.loop.train_one_epoch over read-only uint8 arrays: fancy-index gather, uint8 -> float, BatchAugment,
     loss check, LR schedule, i.e. everything a real epoch does, with the next batch prepared in a background thread
     (the default, as fit() runs it);
 (c) the same loop in line (prefetch=False): every batch gathered and augmented between two steps;
@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 import common
-from hamtune.augment import BatchAugment
-from hamtune.train import TrainConfig, build_scheduler, resolve_device, train_one_epoch
+from hamtune.training.augment import BatchAugment
+from hamtune.training.batches import BatchSource
+from hamtune.training.config import TrainConfig
+from hamtune.training.device import resolve_device
+from hamtune.training.loop import build_scheduler, train_one_epoch
 
 HEADING = "## Training loop vs the limit"
 
@@ -85,9 +88,10 @@ def main() -> None:
     aug_gen = torch.Generator().manual_seed(1)
 
     def loop_block(strength: float, prefetch: bool = True) -> float:
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, data, rng.permutation(n), batch_size=bs,
-                                device=device, augment=BatchAugment(strength), generator=aug_gen, scaler=scaler,
-                                amp_dtype=amp_dtype, channels_last=channels_last, prefetch=prefetch)
+        batches = BatchSource(data, rng.permutation(n), batch_size=bs, device=device, augment=BatchAugment(strength),
+                              generator=aug_gen, channels_last=channels_last, prefetch=prefetch)
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, batches, device, 1, scaler=scaler,
+                                amp_dtype=amp_dtype)
         return stats["images"] / stats["time_s"]
 
     # warm-up: allocator, oneDNN/cuDNN kernel choice

@@ -153,8 +153,8 @@ class TreeSampler(threading.Thread):
 
 
 def child(args) -> None:
-    from hamtune.search import init_ray, run_search
-    from hamtune.space import spec_from_dict
+    from hamtune.search.driver import init_ray, run_search
+    from hamtune.search.spec import spec_from_dict
 
     spec = spec_from_dict({
         "experiment": f"memory-{args.trials}",

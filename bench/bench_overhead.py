@@ -24,7 +24,7 @@ HEADING = "## Per-trial overhead"
 
 
 def make_spec(args, name: str):
-    from hamtune.space import spec_from_dict
+    from hamtune.search.spec import spec_from_dict
 
     return spec_from_dict({
         "experiment": name,
@@ -42,8 +42,8 @@ def make_spec(args, name: str):
 def one_search(args, reuse: bool, scratch: Path, tag: str) -> dict:
     import json
 
-    from hamtune import results as res
-    from hamtune.search import run_search
+    from hamtune.search import tables as res
+    from hamtune.search.driver import run_search
 
     spec = make_spec(args, f"overhead-{tag}")
     started = time.monotonic()
@@ -74,7 +74,7 @@ def main() -> None:
     load_at_start = common.load_average()
 
     from hamtune.data import prepare
-    from hamtune.search import init_ray
+    from hamtune.search.driver import init_ray
 
     data = prepare("synthetic", args.image_size, cache_dir=common.out_dir("cache"), synthetic_size=args.synthetic_size,
                    progress=False)

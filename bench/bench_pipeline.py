@@ -24,17 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import common
-from hamtune.augment import BatchAugment
+from hamtune.training.augment import BatchAugment
+from hamtune.training.batches import BatchSource
 from hamtune.data import SplitArrays, prepare
-from hamtune.data.ham10000 import NUM_CLASSES
-from hamtune.imbalance import make_criterion
-from hamtune.space import load_spec
-from hamtune.train import (TrainConfig, build_model, build_optimizer, build_scheduler, steps_per_epoch,
-                           train_one_epoch)
+from hamtune.vocab import NUM_CLASSES
+from hamtune.training.imbalance import make_criterion
+from hamtune.search.spec import load_spec
+from hamtune.training.batches import steps_per_epoch
+from hamtune.training.config import TrainConfig
+from hamtune.training.loop import build_optimizer, build_scheduler, train_one_epoch
+from hamtune.training.model import build_model
 
 HEADING = "## Input pipeline: limit vs hamtune vs the seed's way"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -142,8 +144,9 @@ def main() -> None:
 
     def epoch_hamtune(name: str) -> int:
         model, opt, sch, crit, augment, generator = hamtune_runs[name]
-        stats = train_one_epoch(model, crit, opt, sch, subset, rng.permutation(n), batch_size=batch_size,
-                                device=device, augment=augment, generator=generator)
+        batches = BatchSource(subset, rng.permutation(n), batch_size=batch_size, device=device, augment=augment,
+                              generator=generator)
+        stats = train_one_epoch(model, crit, opt, sch, batches, device, 1)
         return stats["images"]
 
     # (c) the seed's way

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ PNG_LIMIT_BYTES = 200_000
 
 
 def make_spec(args, method: str, seed: int, cache_dir: Path):
-    from hamtune.space import spec_from_dict
+    from hamtune.search.spec import spec_from_dict
 
     raw = yaml.safe_load((common.ROOT / "search_spaces" / "default.yaml").read_text())
     overrides = {
@@ -136,8 +135,8 @@ def main() -> None:
     args.png = args.png.resolve()
     load_at_start = common.load_average()
 
-    from hamtune import results as res
-    from hamtune.search import init_ray, run_search
+    from hamtune.search import tables as res
+    from hamtune.search.driver import init_ray, run_search
 
     cache_dir = common.out_dir("cache")
     scratch = common.scratch_dir("search")

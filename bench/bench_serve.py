@@ -31,9 +31,9 @@ SECTION = "## Serving latency"
 
 
 def model_file(folder: Path, image_size: int) -> Path:
-    from hamtune.modelfile import save_model
-    from hamtune.config import TrainConfig
-    from hamtune.model import build_model
+    from hamtune.final.modelfile import save_model
+    from hamtune.training.config import TrainConfig
+    from hamtune.training.model import build_model
 
     config = TrainConfig(model="resnet10t", pretrained=False, device="cpu")
     return save_model(folder / "model.pt", build_model(config), config=config.to_dict(), image_size=image_size,

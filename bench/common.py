@@ -232,8 +232,10 @@ class StepRig:
     def __init__(self, config, device, image_size: int, batch_size: int):
         import torch
 
-        from hamtune.data.ham10000 import NUM_CLASSES
-        from hamtune.train import amp_dtype_for, build_model, build_optimizer
+        from hamtune.vocab import NUM_CLASSES
+        from hamtune.training.device import amp_dtype_for
+        from hamtune.training.loop import build_optimizer
+        from hamtune.training.model import build_model
 
         self.device, self.batch_size = device, batch_size
         self.model = build_model(config).to(device)
@@ -253,7 +255,7 @@ class StepRig:
         import torch
         import torch.nn.functional as F
 
-        from hamtune.train import backward_and_step
+        from hamtune.training.loop import backward_and_step
 
         self.model.train()
         self._sync()
@@ -277,7 +279,7 @@ def readonly_dataset(n: int, image_size: int, rng):
     import numpy as np
 
     from hamtune.data.arrays import SplitArrays
-    from hamtune.data.ham10000 import META_DIM, NUM_CLASSES
+    from hamtune.vocab import META_DIM, NUM_CLASSES
 
     data = SplitArrays(images=rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
                        labels=rng.integers(0, NUM_CLASSES, n).astype(np.int64),

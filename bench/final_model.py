@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hamtune.calibration import (
-    apply_calibration, argmax_preserving_weights, calibration_summary, fit_calibration, fit_temperature,
-)
-from hamtune.metrics import bootstrap_difference, classification_metrics, decide, evaluation_metrics
+from hamtune.final.calibration import apply_calibration, argmax_preserving_weights, calibration_summary, fit_calibration, fit_temperature
+from hamtune.training.metrics import bootstrap_difference, classification_metrics, decide, evaluation_metrics
 
 
 def main(best_dir: Path) -> dict:

@@ -78,8 +78,10 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     import numpy as np
     import torch
     import common
-    from hamtune.augment import BatchAugment
-    from hamtune.train import TrainConfig, build_scheduler, train_one_epoch
+    from hamtune.training.augment import BatchAugment
+    from hamtune.training.batches import BatchSource
+    from hamtune.training.config import TrainConfig
+    from hamtune.training.loop import build_scheduler, train_one_epoch
 
     cuda = device.type == "cuda"
     config = TrainConfig.from_dict(dict(model=args.model, pretrained=False, batch_size=args.batch_size,
@@ -106,9 +108,10 @@ def step_benchmark(args: argparse.Namespace, device, precision: str) -> dict:
     aug_gen = torch.Generator().manual_seed(1)
 
     def loop_block(prefetch: bool = True) -> float:
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, data, rng.permutation(n), batch_size=bs,
-                                device=device, augment=augment, generator=aug_gen, scaler=scaler,
-                                amp_dtype=amp_dtype, channels_last=channels_last, prefetch=prefetch)
+        batches = BatchSource(data, rng.permutation(n), batch_size=bs, device=device, augment=augment,
+                              generator=aug_gen, channels_last=channels_last, prefetch=prefetch)
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, batches, device, 1, scaler=scaler,
+                                amp_dtype=amp_dtype)
         return stats["images"] / stats["time_s"]
 
     bare_block(), loop_block(), loop_block(False)  # warm-up: cuDNN algorithm search, allocator, lazy CUDA modules

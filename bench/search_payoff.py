@@ -144,8 +144,8 @@ def record(max_configs: int | None = None, deadline: float | None = None) -> dic
     import torch
 
     from hamtune.io import atomic_write_json
-    from hamtune.config import TrainConfig
-    from hamtune.train import fit
+    from hamtune.training.config import TrainConfig
+    from hamtune.training.loop import fit
 
     torch.set_num_threads(1)
     train, val, info = load_data()
@@ -231,7 +231,7 @@ def replay_trial(config: dict, *, curves: dict, scale: float) -> None:
 
 def make_spec(method: str, seed: int, settings: dict):
     """A hamtune spec for one replayed search; settings may also change num_samples (the default's sizing)."""
-    from hamtune.space import spec_from_dict
+    from hamtune.search.spec import spec_from_dict
 
     raw = {
         "experiment": f"payoff-{method.replace('+', '-')}-seed{seed}",
@@ -252,7 +252,7 @@ def replay(method: str, seed: int, settings: dict, curves: dict, scratch: Path) 
 
     from ray import tune
 
-    from hamtune.search import make_scheduler, make_searcher
+    from hamtune.search.searcher import make_scheduler, make_searcher
 
     spec = make_spec(method, seed, settings)
     order: list[dict] = []
@@ -361,7 +361,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def replay_main(args) -> None:
     from hamtune.io import atomic_write_json
-    from hamtune.search import init_ray
+    from hamtune.search.driver import init_ray
 
     info = json.loads((OUT / "data.json").read_text())
     by_cell = load_curves(info["fingerprint"])
@@ -517,8 +517,8 @@ def section(out: dict, load_at_start: str) -> str:
         "TPE+ASHA per seed:\n",
         common.md_table(["seed", "best", "trial-epochs", "ran all epochs", "grid cells visited", "to reach",
                          "fraction"], per_seed),
-        f"**TPE+ASHA settings tried in replay** (each one change from the settings above; same seeds, same "
-        f"random+FIFO reference):\n",
+        "**TPE+ASHA settings tried in replay** (each one change from the settings above; same seeds, same "
+        "random+FIFO reference):\n",
         common.md_table(["variant", "settings", "fraction, median", "seeds within 1/3 (at all)",
                          "trial-epochs, median", "final best, median"], variant_rows),
         (f"The same replay on the inner grid only (`--lr-cells 4`: lr {inner['lr_range'][0]:.2g}-"
@@ -538,7 +538,7 @@ def section(out: dict, load_at_start: str) -> str:
          f"the val balanced accuracy at epoch e and the cell's best over {MAX_EPOCHS} epochs: "
          + ", ".join(f"epoch {e + 1}: {r:.2f}" for e, r in enumerate(out["rank_correlation"])) + ".\n"
          if out.get("rank_correlation") else ""),
-        f"The three best cells of the grid (the ceiling any method can reach): "
+        "The three best cells of the grid (the ceiling any method can reach): "
         + "; ".join(f"lr {c['lr']:g}, augment {c['augment_strength']:g}, {c['imbalance']}: {c['best']:.3f}"
                     for c in out["best_cells"]) + ".\n",
         (f"Best TPE+ASHA settings in replay: **{winner}** ({_fmt_settings(best['settings'])}): fraction "

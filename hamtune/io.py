@@ -7,11 +7,13 @@ are written the same way everywhere.
 
 from __future__ import annotations
 
+import datetime as _dt
 import io
 import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -99,3 +101,41 @@ def replace_folder(tmp: Path, target: Path, marker: str, marker_text: str) -> No
     if Path(target).exists():
         shutil.rmtree(target)
     os.rename(tmp, target)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file, or {} when the file is missing, unreadable or not an object (callers treat those
+    alike: not written yet, or written by a crash)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def now_iso() -> str:
+    """The one clock of every file hamtune writes: UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def temp_sibling(target: Path) -> Path:
+    """Where a folder for `target` is built before it is renamed into place: beside it (same filesystem, so the
+    rename is atomic), named after this host and process so remove_abandoned_temps can tell whose it is."""
+    target = Path(target)
+    return target.with_name(f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_abandoned_temps(target: Path) -> None:
+    """Delete temp_sibling folders of `target` left by killed processes on this host (their pid no longer runs)."""
+    target = Path(target)
+    prefix = f".tmp-{target.name}-{socket.gethostname()}-"
+    for path in target.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass

@@ -1,4 +1,8 @@
-"""Shared test fixtures: the real 140-image sample and a small synthetic set in the Kaggle layout."""
+"""Shared test fixtures: the real 140-image sample, a small synthetic set in the Kaggle layout, and a local Ray.
+
+The tests mirror the packages (tests/data, tests/training, tests/search, tests/final, tests/serve); helpers that
+several folders use (model_fixtures, isic_fixtures, scorer_env) sit here beside this file.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,16 @@ import os
 from pathlib import Path
 
 import pytest
+
+from hamtune.search.driver import ray_environment
+
+# Ray's log handler keeps the sys.stderr of the moment Ray is first imported (ray._private.log.PlainRayHandler is a
+# StreamHandler). hamtune imports Ray only when a search starts; in a test that is inside a test's own output capture,
+# whose stream pytest closes when that test ends, and Ray's next warning in a later test then fails to print. So Ray
+# is imported here, at collection, when sys.stderr is pytest's session-long stream; its environment first, as
+# hamtune's driver sets it.
+ray_environment(None)
+import ray  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO.parent / "shared/data/ham10000-sample"
@@ -63,3 +77,23 @@ def no_ray_between_modules():
         import ray
 
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_worker_env():
+    """Variables this module's Ray workers must see; Ray's workers inherit the environment of the process that
+    started Ray, so a module that needs some overrides this fixture and sets them before ray_local starts Ray."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_worker_env):
+    """A local Ray of 2 CPUs on 127.0.0.1 for this module, started as hamtune starts it, stopped after."""
+    import ray
+
+    from hamtune.search.driver import init_ray
+
+    ray.shutdown()  # a Ray left by an earlier module (an in-process CLI search) has workers of another environment
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

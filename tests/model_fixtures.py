@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hamtune.data.ham10000 import CLASSES
+from hamtune.vocab import CLASSES
 
 
 def save_tiny_model(path: Path) -> Path:
@@ -14,11 +14,11 @@ def save_tiny_model(path: Path) -> Path:
 
     Its quality does not matter; that it is a real network in a real model file, loaded the real way, does.
     """
-    from hamtune.config import TrainConfig
+    from hamtune.training.config import TrainConfig
     from hamtune.data.arrays import SplitArrays
-    from hamtune.data.ham10000 import META_DIM
-    from hamtune.modelfile import save_model
-    from hamtune.train import fit
+    from hamtune.vocab import META_DIM
+    from hamtune.final.modelfile import save_model
+    from hamtune.training.loop import fit
 
     rng = np.random.default_rng(0)
     labels = np.arange(64) % len(CLASSES)

@@ -15,26 +15,25 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import PIL
 
-from hamtune.data.arrays import SplitArrays
-from hamtune.data.ham10000 import (
-    PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, encode_meta, make_problems, read_metadata, scan_source,
-)
-from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
+from hamtune.data.arrays import SplitArrays, encode_meta
+from hamtune.data.download import downloaded_folder
 from hamtune.data.images import PREPROCESS_VERSION, decode_all
+from hamtune.data.isic2018 import check_meta_available
+from hamtune.data.sources import read_metadata, scan_source
+from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
 from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, generate_synthetic
+from hamtune.data.tables import PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, make_problems
 from hamtune.data.workers import cpu_count
 from hamtune.errors import HamtuneError
-from hamtune.io import replace_folder
+from hamtune.io import now_iso, remove_abandoned_temps, replace_folder, temp_sibling
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("hamtune.data")
@@ -67,6 +66,13 @@ class PreparedData:
             meta=encode_meta(rows),
             index=index,
         )
+
+    def describe(self) -> str:
+        """One line: decoded or reused, how many images at what size, where, and what was skipped."""
+        verb = "decoded" if self.decoded else "reused"
+        skipped = (f" ({len(self.problems)} skipped, listed in {self.path / 'problems.csv'})"
+                   if len(self.problems) else "")
+        return f"{verb} {len(self.table)} images at {self.image_size}px -> {self.path}{skipped}"
 
     def split_sizes(self) -> dict[str, dict]:
         """Images and distinct lesions per split."""
@@ -106,25 +112,6 @@ def _is_complete(entry: Path) -> bool:
     return manifest.get("preprocess_version") == PREPROCESS_VERSION and (entry / "images.npy").is_file()
 
 
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}")
-
-
-def _remove_abandoned(target: Path) -> None:
-    """Delete temp folders for `target` left by killed processes on this host (their pid no longer runs)."""
-    prefix = f".tmp-{target.name}-{socket.gethostname()}-"
-    for path in target.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
-
-
 def _commit(tmp: Path, target: Path) -> None:
     """Move a finished temp folder into place; if another process got there first, keep theirs."""
     if target.exists() and not _is_complete(target):
@@ -151,7 +138,7 @@ def _drop_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 1024) -> Non
 def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame, image_size: int, target: Path,
                  workers: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode into a temp folder next to `target`, then rename it into place. Returns the final (table, problems)."""
-    tmp = _temp_name(target)
+    tmp = temp_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -187,7 +174,7 @@ def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame
             "metadata_file": files.metadata.name,
             "layout": files.layout,
             "decode_seconds": round(seconds, 3),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": now_iso(),
             "versions": {"numpy": np.__version__, "pillow": PIL.__version__, "pandas": pd.__version__},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the folder complete
@@ -210,8 +197,8 @@ def synthetic_source(cache_dir: Path, n_images: int, seed: int, workers: int | N
     except (OSError, ValueError):
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(target)
-    tmp = _temp_name(target)
+    remove_abandoned_temps(target)
+    tmp = temp_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         generate_synthetic(tmp, n_images=n_images, seed=seed, workers=workers, progress=progress)
@@ -265,15 +252,11 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
     if str(source) == "synthetic":
         root = synthetic_source(cache_dir, synthetic_size, synthetic_seed, workers, progress)
     elif str(source) == "isic2018":
-        from hamtune.data.download import downloaded_folder
-
         root = downloaded_folder("isic2018-train")
     else:
         root = Path(source)
     files = scan_source(root, split_by)
     if needs_meta:
-        from hamtune.data.isic2018 import check_meta_available
-
         check_meta_available(files.root, files.layout)
     key = fingerprint(files, image_size)
     entry = cache_dir / key
@@ -287,7 +270,7 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
         if strict and len(problems):
             raise HamtuneError(f"{files.root}: strict mode: {_problem_summary(problems)}; first: "
                                f"{problems['image_id'].iat[0]} ({problems['detail'].iat[0]})")
-        _remove_abandoned(entry)
+        remove_abandoned_temps(entry)
         table, problems = _build_entry(files, table, problems, image_size, entry, workers, progress)
         decoded = len(table) + int((problems["kind"] == "unreadable_image").sum())
     problems = problems.reindex(columns=list(PROBLEM_COLUMNS))
@@ -311,7 +294,7 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
 
 def prepare_spec_data(settings, *, cache_dir: Path | None = None, progress: bool = True,
                       needs_meta: bool = False) -> PreparedData:
-    """prepare() with a search spec's data section (hamtune.space.DataSettings): the one mapping of settings onto it.
+    """prepare() with a search spec's data section (hamtune.search.spec.DataSettings): the one mapping of settings onto it.
 
     cache_dir, when given, is used where the settings name none (a recorded experiment remembers its cache).
     needs_meta: some trial uses age/sex/site (refused, before decoding, for data without them).

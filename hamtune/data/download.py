@@ -23,26 +23,22 @@ import json
 import os
 import shutil
 import sys
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from hamtune.data import isic2018
+from hamtune.data.images import IMAGE_SUFFIXES
 from hamtune.errors import HamtuneError
-from hamtune.io import replace_folder
+from hamtune.data.fetch import DEFAULT_RETRIES, discard, fetch, session, sidecar
+from hamtune.io import atomic_write_json, now_iso, read_json, remove_abandoned_temps, replace_folder, temp_sibling
 
 DEFAULT_BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2018/"
 MANIFEST = "manifest.json"
 DOWNLOADS = "downloads"
 COMPLETE = ".complete"
-DEFAULT_RETRIES = 5
-MAX_BACKOFF_S = 30.0
-TIMEOUT_S = (30, 60)  # connect, read (seconds without a byte)
-CHUNK = 1 << 16  # a read cut short by a dropped connection loses at most this much
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 LICENCE = """\
 Data licence: ISIC 2018 challenge data, CC BY-NC 4.0 (https://creativecommons.org/licenses/by-nc/4.0/);
@@ -110,10 +106,32 @@ def downloaded_folder(name: str, dest: Path | None = None) -> Path:
     dataset = _dataset(name)
     dest = Path(dest).expanduser() if dest is not None else default_data_dir()
     folder = dest / dataset.name
-    if not _is_complete(folder, _read_json(dest / MANIFEST).get("files", {}), dataset):
+    if not _is_complete(folder, read_json(dest / MANIFEST).get("files", {}), dataset):
         raise HamtuneError(f"{folder}: no complete download of {dataset.name} here; run `hamtune data download "
                            f"{dataset.name}` (it uses $HAMTUNE_DATA_DIR, else ~/.cache/hamtune/data)")
     return folder
+
+
+def official_test_set(dest: Path | None = None) -> tuple[Path, Path]:
+    """(images folder, ground-truth CSV) of the official test set that `hamtune data download isic2018-test` put
+    under dest (default $HAMTUNE_DATA_DIR or ~/.cache/hamtune/data)."""
+    folder = downloaded_folder("isic2018-test", dest)
+    truth, _ = isic2018.find_label_files(folder)
+    if truth is None:
+        raise HamtuneError(f"{folder}: no ISIC2018_Task3_Test_GroundTruth.csv; run `hamtune data download "
+                           "isic2018-test` again")
+    return folder, truth
+
+
+def download_all(which: str, dest: Path | None = None, base_url: str | None = None, *,
+                 retries: int | None = None, echo: Echo = print) -> list[DownloadOutcome]:
+    """`hamtune data download WHICH`: one set of DATASETS, or "all" of them in turn, then the data's licence."""
+    names = list(DATASETS) if which == "all" else [_dataset(which).name]
+    outcomes = [download(name, dest, base_url, retries=DEFAULT_RETRIES if retries is None else retries, echo=echo)
+                for name in names]
+    echo("")
+    echo(LICENCE)
+    return outcomes
 
 
 def download(name: str, dest: Path | None = None, base_url: str | None = None, *, expected: int | None = None,
@@ -139,7 +157,7 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
     outcome = DownloadOutcome(folder=folder)
     with open(dest / ".lock", "w") as lock:  # two downloads into one folder would write the same .part files
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = _read_json(dest / MANIFEST).get("files", {})
+        manifest = read_json(dest / MANIFEST).get("files", {})
         if _is_complete(folder, manifest, dataset):
             kept = [f for f in dataset.files if (downloads / f.name).is_file()]
             for f in kept:
@@ -148,9 +166,9 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
                  "archive(s) match the SHA-256 recorded at their first download)")
             return outcome
 
-        with _session() as session:
+        with session() as http:
             for remote in dataset.files:
-                _fetch_and_check(remote, dest, base_url, manifest, expected, session=session, retries=retries,
+                _fetch_and_check(remote, dest, base_url, manifest, expected, http=http, retries=retries,
                                  progress=progress, outcome=outcome)
         extract(dataset, downloads, folder, manifest, progress=progress)
         outcome.extracted = True
@@ -159,7 +177,7 @@ def download(name: str, dest: Path | None = None, base_url: str | None = None, *
     return outcome
 
 
-def _fetch_and_check(remote: RemoteFile, dest: Path, base_url: str, manifest: dict, expected: int, *, session,
+def _fetch_and_check(remote: RemoteFile, dest: Path, base_url: str, manifest: dict, expected: int, *, http,
                      retries: int, progress: bool, outcome: DownloadOutcome) -> None:
     """One file of a set into downloads/: a kept one checked against its recorded SHA-256, a new one fetched,
     verified, compared with (or recorded as) its first download's SHA-256, and only then renamed into place."""
@@ -174,7 +192,7 @@ def _fetch_and_check(remote: RemoteFile, dest: Path, base_url: str, manifest: di
         part = target  # kept but never recorded (the manifest was lost): check it as if just downloaded
     else:
         part = downloads / f"{remote.name}.part"
-        outcome.downloaded_bytes += fetch(url, part, session=session, retries=retries, progress=progress,
+        outcome.downloaded_bytes += fetch(url, part, session=http, retries=retries, progress=progress,
                                           desc=remote.name)
         outcome.downloaded_files.append(remote.name)
     try:
@@ -184,118 +202,15 @@ def _fetch_and_check(remote: RemoteFile, dest: Path, base_url: str, manifest: di
             raise HamtuneError(f"{url}: SHA-256 {digest} differs from {recorded['sha256']} recorded at its first "
                                f"download ({recorded.get('first_downloaded', '?')}); the server's file changed")
     except HamtuneError as exc:
-        _discard(part)
-        _discard(_sidecar(part))
+        discard(part)
+        discard(sidecar(part))
         raise HamtuneError(f"{exc}; the file was deleted, so the next run fetches it afresh") from None
     os.replace(part, target)
-    _discard(_sidecar(part))
+    discard(sidecar(part))
     if not recorded:
         manifest[remote.name] = {"sha256": digest, "size": target.stat().st_size, "url": url,
-                                 "first_downloaded": _now()}
-        _write_json(dest / MANIFEST, {"files": manifest})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fetching one file
-
-
-def _session():
-    import requests
-
-    from hamtune import __version__
-
-    session = requests.Session()
-    # identity: a compressed transfer would make byte offsets (Range) refer to something else than the file
-    session.headers.update({"User-Agent": f"hamtune/{__version__}", "Accept-Encoding": "identity"})
-    return session
-
-
-class _Retry(Exception):
-    """A failure worth another attempt (connection dropped, timeout, 5xx, short body)."""
-
-
-def fetch(url: str, part: Path, *, session, retries: int = DEFAULT_RETRIES, progress: bool = True,
-          desc: str = "") -> int:
-    """Stream url into `part`, continuing from the bytes it already holds; return the bytes received by this call.
-
-    Gives up after `retries` failed attempts (backoff 1, 2, 4, ... s, at most MAX_BACKOFF_S) with one line, keeping
-    `part` for the next run.
-    """
-    import requests
-    from tqdm import tqdm
-
-    received, failures = 0, 0
-    while True:
-        have = part.stat().st_size if part.is_file() else 0
-        headers = {}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-            validator = _read_json(_sidecar(part)).get("validator")
-            if validator:
-                headers["If-Range"] = validator  # the server sends the whole file if it has changed since
-        try:
-            with session.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
-                code = response.status_code
-                if code == 416 and have:  # nothing after `have`: the part is complete, or longer than the file
-                    total = _range_total(response.headers.get("Content-Range"))
-                    if total == have:
-                        return received
-                    _discard(part)
-                    raise _Retry(f"the kept {part.name} ({have} bytes) is longer than the file ({total} bytes)")
-                if 400 <= code < 500 and code not in (408, 429):
-                    raise HamtuneError(f"{url}: HTTP {code} {response.reason}; expected the file at this address "
-                                       "(check --base-url / $HAMTUNE_DATA_URL)")
-                if code >= 400:
-                    raise _Retry(f"HTTP {code} {response.reason}")
-                if code == 206:
-                    content_range = response.headers.get("Content-Range")
-                    start, total = _range_start(content_range), _range_total(content_range)
-                    if start != have:
-                        _discard(part)
-                        raise _Retry(f"the server answered bytes from {start} instead of {have}")
-                    mode = "ab"
-                else:  # 200: the whole file (no Range support, or the file changed since the part was begun)
-                    have, mode = 0, "wb"
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-                _write_json(_sidecar(part), {"url": url, "validator": validator, "total": total})
-                with open(part, mode) as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                   unit_divisor=1024, desc=desc, disable=not progress,
-                                                   file=sys.stderr, dynamic_ncols=True) as bar:
-                    for chunk in response.iter_content(CHUNK):
-                        out.write(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-            size = part.stat().st_size
-            if total is not None and size != total:
-                raise _Retry(f"the connection ended after {size} of {total} bytes")
-            return received
-        except (_Retry, requests.RequestException, ConnectionError, TimeoutError) as err:
-            failures += 1
-            if failures > retries:
-                kept = part.stat().st_size if part.is_file() else 0
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise HamtuneError(
-                    f"{url}: download failed after {failures} attempt(s) ({type(err).__name__}: {reason[:200]}); "
-                    f"{kept:,} bytes kept in {part}: run the same command again to resume") from None
-            time.sleep(min(MAX_BACKOFF_S, 2.0 ** (failures - 1)))
-        except OSError as err:  # after the network errors: requests' exceptions are OSErrors too
-            raise HamtuneError(f"{part}: cannot write the download ({err.strerror or err})") from None
-
-
-def _range_start(content_range: str | None) -> int | None:
-    try:  # "bytes 100-199/1000"
-        return int(content_range.split()[1].split("-")[0])
-    except (AttributeError, IndexError, ValueError):
-        return None
-
-
-def _range_total(content_range: str | None) -> int | None:
-    try:  # "bytes 100-199/1000" or "bytes */1000"
-        return int(content_range.rsplit("/", 1)[1])
-    except (AttributeError, IndexError, ValueError):
-        return None
+                                 "first_downloaded": now_iso()}
+        atomic_write_json(dest / MANIFEST, {"files": manifest})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,8 +222,6 @@ def verify(path: Path, remote: RemoteFile, expected: int, where: str | None = No
 
     where: how messages name the file (its URL when just downloaded); default its path.
     """
-    from hamtune.data import isic2018
-
     shown = where or str(path)
     if remote.kind == "lesions":
         rows = len(isic2018.read_lesion_groupings(path))
@@ -373,10 +286,8 @@ def extract(dataset: Dataset, downloads: Path, folder: Path, manifest: dict, *, 
     """
     from tqdm import tqdm
 
-    from hamtune.data.cache import _remove_abandoned, _temp_name
-
-    _remove_abandoned(folder)
-    tmp = _temp_name(folder)
+    remove_abandoned_temps(folder)
+    tmp = temp_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -394,7 +305,7 @@ def extract(dataset: Dataset, downloads: Path, folder: Path, manifest: dict, *, 
                                    file=sys.stderr, dynamic_ncols=True):
                     archive.extract(member, into)
         marker = {"dataset": dataset.name, "files": {f.name: manifest[f.name]["sha256"] for f in dataset.files},
-                  "created": _now()}
+                  "created": now_iso()}
         replace_folder(tmp, folder, COMPLETE, json.dumps(marker, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -403,7 +314,7 @@ def extract(dataset: Dataset, downloads: Path, folder: Path, manifest: dict, *, 
 
 def _is_complete(folder: Path, manifest: dict, dataset: Dataset) -> bool:
     """The folder's marker names exactly the archives the manifest records for this set."""
-    files = _read_json(folder / COMPLETE).get("files")
+    files = read_json(folder / COMPLETE).get("files")
     return bool(files) and files == {f.name: manifest.get(f.name, {}).get("sha256") for f in dataset.files}
 
 
@@ -414,32 +325,3 @@ def _dataset(name: str) -> Dataset:
     if name not in DATASETS:
         raise HamtuneError(f"data set {name!r} is unknown; expected one of {', '.join(DATASETS)}")
     return DATASETS[name]
-
-
-def _sidecar(part: Path) -> Path:
-    return part.with_name(f"{part.name}.json")
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    from hamtune.io import atomic_write_json
-
-    atomic_write_json(path, obj)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -17,8 +17,10 @@ from typing import IO, Sequence
 import numpy as np
 import pandas as pd
 
-from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, pair_with_files, read_csv_strings
+from hamtune.data.tables import pair_with_files, read_csv_strings
 from hamtune.errors import HamtuneError
+from hamtune.io import write_csv
+from hamtune.vocab import CLASSES, ISIC_COLUMNS
 
 GROUND_TRUTH = re.compile(r"isic2018_task3_(training|validation|test)_groundtruth\.csv", re.IGNORECASE)
 LESION_GROUPINGS = re.compile(r"isic2018_task3_\w*lesiongroupings\.csv", re.IGNORECASE)
@@ -125,7 +127,7 @@ def read_lesion_groupings(path: Path) -> pd.DataFrame:
 
 
 def read_table(files) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ham10000.read_metadata for this layout: (table with TABLE_COLUMNS + path, problems), same rules and order."""
+    """ham10000.read_table for this layout: (table with TABLE_COLUMNS + path, problems), same rules and order."""
     path = files.metadata
     truth = read_ground_truth(path)
     if files.lesions is not None:
@@ -169,8 +171,6 @@ def submission_table(image_ids: Sequence[str], probs: np.ndarray) -> pd.DataFram
 
 def write_submission(path: Path, image_ids: Sequence[str], probs: np.ndarray) -> Path:
     """submission.csv as the official scorer (isic-challenge-scoring classification) reads it, written atomically."""
-    from hamtune.io import write_csv
-
     return write_csv(path, submission_table(image_ids, probs))
 
 
@@ -182,16 +182,3 @@ def official_weights(image_ids: Sequence[str], form: str) -> np.ndarray:
     if form.startswith("ISIC"):
         weights[np.isin(ids, OFFICIAL_ZERO_WEIGHT)] = 0.0
     return weights
-
-
-def official_test_set(dest: Path | None = None) -> tuple[Path, Path]:
-    """(images folder, ground-truth CSV) of the official test set that `hamtune data download isic2018-test` put
-    under dest (default $HAMTUNE_DATA_DIR or ~/.cache/hamtune/data)."""
-    from hamtune.data.download import downloaded_folder
-
-    folder = downloaded_folder("isic2018-test", dest)
-    truth, _ = find_label_files(folder)
-    if truth is None:
-        raise HamtuneError(f"{folder}: no ISIC2018_Task3_Test_GroundTruth.csv; run `hamtune data download "
-                           "isic2018-test` again")
-    return folder, truth

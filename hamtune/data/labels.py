@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hamtune.data.ham10000 import CLASSES, ISIC_COLUMNS, check_dx, encode_meta, read_csv_strings
 from hamtune.data.isic2018 import read_ground_truth
+from hamtune.data.tables import check_dx, read_csv_strings
 from hamtune.errors import HamtuneError
+from hamtune.vocab import CLASSES, ISIC_COLUMNS
 
 
 def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
@@ -55,7 +56,3 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
     table["label"] = table["dx"].map({c: i for i, c in enumerate(CLASSES)}).astype(np.int64)
     return table, form
 
-
-def unknown_meta(n: int) -> np.ndarray:
-    """Metadata features when none are known: age missing, sex and site 'unknown'."""
-    return encode_meta(pd.DataFrame({"age": [np.nan] * n, "sex": ["unknown"] * n, "localization": ["unknown"] * n}))

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hamtune.data.ham10000 import CLASSES
 from hamtune.errors import HamtuneError
 from hamtune.io import atomic_write_bytes
+from hamtune.vocab import CLASSES
 
 SPLITS = ("train", "val", "test")
 

@@ -26,9 +26,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from hamtune.data.ham10000 import CLASSES, HAM10000_FREQUENCIES, LOCALIZATIONS, METADATA_COLUMNS, METADATA_FILE
+from hamtune.data.ham10000 import METADATA_FILE
 from hamtune.data.workers import cpu_count, process_pool
 from hamtune.errors import HamtuneError
+from hamtune.vocab import CLASSES, HAM10000_FREQUENCIES, LOCALIZATIONS, METADATA_COLUMNS
 
 SYNTHETIC_VERSION = 1  # bump when the images or metadata a seed produces change
 DEFAULT_IMAGE_SIZE = (112, 84)  # (width, height), 4:3 like the 600x450 originals
