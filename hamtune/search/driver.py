@@ -112,12 +112,6 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def trial_nodes(trial_resources: dict[str, float]) -> list[dict]:
-    """The live nodes that can hold one trial (a GPU trial never runs on a CPU-only head)."""
-    wanted = {k: v for k, v in trial_resources.items() if v > 0}
-    return [n for n in alive_nodes() if all(n["Resources"].get(k, 0.0) >= v for k, v in wanted.items())]
-
-
 def check_cluster(address: str | None, storage_path: str | None, trial_resources: dict[str, float]) -> None:
     """Refuse, before any trial starts, a search that could never run or could not checkpoint.
 
@@ -174,9 +168,10 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         warm_points = warm_start_points(warm_start, res.read_experiment(warm_start), spec)
         warm_record = {"experiment": warm_start.name, "path": str(warm_start.resolve()), "trials": len(warm_points)}
     trial_resources = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+    # Read once here, shipped to every trial through the object store: missing weights are one line before Ray starts.
+    weights = preflight.read_requested_weights(spec.train, spec.space)
     data = None
     if not address:
-        preflight.check_on_driver(spec.train, spec.space)  # local trials see this machine's files and caches
         # Locally, bad data is refused before Ray starts (nothing of Ray's on the console but the one line).
         data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     init_ray(address, num_cpus)
@@ -188,8 +183,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     from hamtune.search.trainable import train_trial
 
     check_cluster(address, storage_path, trial_resources)
-    if address:  # on a cluster the nodes are checked first: a missing weights file fails fast, before any decoding
-        preflight.check_on_nodes(spec.train, spec.space, trial_nodes(trial_resources))
+    if address:  # on a cluster, what Ray's nodes can hold is checked before any decoding
         data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -216,9 +210,10 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     atomic_write_json(record_path, record)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu),
+        tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu,
+                             weights=weights),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    del train, val  # with_parameters has put them in the object store; the driver's copy is no longer needed
+    del train, val, weights  # with_parameters has put them in the object store; the driver needs no copy
     start = time.monotonic()
     if resume and tune.Tuner.can_restore(tune_path):
         # Finished trials, the searcher's state and our results callback all come back from Tune's own records.

@@ -29,8 +29,11 @@ from hamtune.vocab import ERROR, NON_FINITE
 # The trainable: runs inside a Ray worker, one call per trial.
 
 
-def train_trial(config: dict, *, train, val, fixed: dict, cpus: float) -> None:
+def train_trial(config: dict, *, train, val, fixed: dict, cpus: float, weights: dict | None = None) -> None:
     """Fit one config, reporting every epoch with a checkpoint; resumes from Tune's checkpoint after a failure.
+
+    weights: the pretrained state dicts the driver read, keyed by preflight.weights_key (through the object store,
+    like train and val): a trial never reads weights from its node's disk or the network.
 
     A hamtune input error (bad config, missing weights, a data problem) fails the same way on every retry, so it
     ends the trial normally with status "error" and its one-line reason instead of raising: Tune does not retry
@@ -62,12 +65,13 @@ def train_trial(config: dict, *, train, val, fixed: dict, cpus: float) -> None:
             with checkpoint.as_directory() as d:
                 state = load_state(Path(d) / STATE_FILE)
             epochs_done = int(state.get("epoch", 0))
-        elif cfg.pretrained is not False:
-            # A node that joined after the driver's preflight has not been checked: check before the first epoch.
-            message = preflight.missing_here([(cfg.model, cfg.pretrained)])
-            if message:
-                raise HamtuneError(preflight.on_this_node(message))
-        result = fit(cfg, train, val, on_epoch=on_epoch, state=state)
+        initial = None
+        if state is None and cfg.pretrained is not False:
+            initial = (weights or {}).get(preflight.weights_key(cfg.model, cfg.pretrained))
+            if initial is None:
+                raise HamtuneError(f"pretrained: the search shipped no weights for model {cfg.model!r} with "
+                                   f"pretrained={cfg.pretrained!r}")
+        result = fit(cfg, train, val, on_epoch=on_epoch, state=state, weights=initial)
     except HamtuneError as exc:
         import traceback
 

@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     batch_size: Int = expect(">= 2 (BatchNorm needs two samples)", default=64, ge=2)
     optimizer: Str = expect(f"one of {', '.join(OPTIMIZERS)}", default="adamw")
     lr: Float = expect("> 0", default=1e-3, gt=0.0)
+    # fine-tuning: the pretrained backbone learns at lr * backbone_lr_scale, the new head at lr
+    backbone_lr_scale: Float = expect("in (0, 1]", default=1.0, gt=0.0, le=1.0)
     weight_decay: Float = expect(">= 0", default=1e-4, ge=0.0)
     momentum: Float = expect("in [0, 1)", default=0.9, ge=0.0, lt=1.0)
     warmup_epochs: Float = expect("in [0, epochs]", default=1.0, ge=0.0)
@@ -76,8 +78,9 @@ class TrainConfig(BaseModel):
     focal_gamma: Float = expect("in [0, 10]", default=2.0, ge=0.0, le=10.0)
     seed: Int = expect(">= 0", default=0, ge=0)
     device: Str = expect("auto, cpu, cuda or cuda:N", default="auto")
-    amp: Bool = expect("true or false", default=True)
-    channels_last: Bool = expect("true or false", default=True)
+    amp: Bool = expect("true or false", default=True)  # mixed precision on CUDA (bf16 where supported, else fp16)
+    cpu_amp: Bool = expect("true or false", default=False)  # bf16 autocast on CPU: faster for some models, measure
+    channels_last: Bool = expect("true or false", default=True)  # NHWC memory format, on CPU and CUDA
     compile: Bool = expect("true or false", default=False)
     num_threads: Int | None = expect(">= 1 or null", default=None, ge=1)
 

@@ -18,11 +18,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where supported (no loss scaling needed), else fp16; AMP only on CUDA (CPU autocast is slower here)."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def amp_dtype_for(device: torch.device, enabled: bool, cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype of a run: on CUDA (`enabled`) bf16 where supported (no loss scaling needed), else fp16; on
+    CPU (`cpu`) bf16, which pays only where the CPU has bf16 units and the model's kernels use them (resnet10t at
+    64 px: 1.56x; EfficientNet-Lite's depthwise convolutions: slower; BENCHMARKS.md); None = float32."""
+    if device.type == "cuda" and enabled:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu:
+        return torch.bfloat16
+    return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -3,9 +3,10 @@ references/classification.
 
 Deliberately free of Ray: the search calls fit() with an on_epoch callback that reports metrics and saves
 checkpoints, and the same fit() runs standalone for the final retrain and in tests. A per-iteration warm-up + cosine
-schedule, AMP and channels_last on CUDA, parameter groups from timm's optimizer factory. Batches come from a
+schedule, AMP, channels_last, parameter groups from timm's optimizer factory. Batches come from a
 BatchSource (hamtune.training.batches), predictions from hamtune.training.predict, checkpoint state from
 hamtune.training.state; every random generator is seeded and in the checkpoint, so a resumed run continues exactly.
+channels_last and (opt-in) bf16 autocast apply on the CPU too: which pays is a per-model matter (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -47,13 +48,20 @@ class FitResult:
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """timm's optimizer factory: no weight decay on biases and norm parameters (1-d tensors), as in timm and
-    torchvision's references; SGD is Nesterov whenever it has momentum."""
-    from timm.optim import create_optimizer_v2
+    torchvision's references; SGD is Nesterov whenever it has momentum. With backbone_lr_scale < 1 the backbone's
+    parameter groups learn at that fraction of the head's rate (discriminative fine-tuning)."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
+    params = model
+    if config.backbone_lr_scale != 1.0 and hasattr(model, "backbone"):
+        rest = nn.ModuleList([m for name, m in model.named_children() if name != "backbone"])
+        params = [{**group, "lr": config.lr * scale}
+                  for part, scale in ((model.backbone, config.backbone_lr_scale), (rest, 1.0))
+                  for group in param_groups_weight_decay(part, config.weight_decay)]
     if config.optimizer == "adamw":
-        return create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+        return create_optimizer_v2(params, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     kind = "nesterov" if config.momentum > 0 else "momentum"  # "momentum" with momentum 0 is plain SGD
-    return create_optimizer_v2(model, kind, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
+    return create_optimizer_v2(params, kind, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
 
 
 def build_scheduler(
@@ -166,23 +174,26 @@ def fit(
     on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
     state: dict | None = None,
     progress: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train `config.epochs` epochs on `train`, evaluating on `val` after each; resume from `state` if given.
 
     on_epoch(metrics, checkpoint) runs after every epoch; checkpoint() returns the full state for save_state, and
-    fit(config, ..., state=that) continues exactly as if the run had never stopped.
+    fit(config, ..., state=that) continues exactly as if the run had never stopped. weights: the pretrained
+    backbone's state dict, already read (a search ships it); without it `config.pretrained` is read here.
     """
     threads_before = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _fit(config, train, val, on_epoch=on_epoch, state=state, progress=progress)
+        return _fit(config, train, val, on_epoch=on_epoch, state=state, progress=progress, weights=weights)
     finally:
         torch.set_num_threads(threads_before)  # the thread count is process-wide; do not leak it to the caller
 
 
 def _fit(config: TrainConfig, train: SplitArrays, val: SplitArrays | None, *,
-         on_epoch: Callable[[dict, Callable[[], dict]], None] | None, state: dict | None, progress: bool) -> FitResult:
+         on_epoch: Callable[[dict, Callable[[], dict]], None] | None, state: dict | None, progress: bool,
+         weights: dict[str, torch.Tensor] | None) -> FitResult:
     device = resolve_device(config.device)
     if len(train) < 2:
         raise HamtuneError(f"training split has {len(train)} image(s); need at least 2")
@@ -191,8 +202,9 @@ def _fit(config: TrainConfig, train: SplitArrays, val: SplitArrays | None, *,
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
     torch.manual_seed(config.seed)  # model init; resume overwrites it with the saved global RNG state
     # On resume the weights come from the state: do not read (or require) the pretrained weights again.
-    model = build_model(config.replace(pretrained=False) if state is not None else config).to(device)
-    channels_last = config.channels_last and device.type == "cuda"
+    model = (build_model(config.replace(pretrained=False)) if state is not None
+             else build_model(config, weights)).to(device)
+    channels_last = config.channels_last and device.type in ("cpu", "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
@@ -200,7 +212,7 @@ def _fit(config: TrainConfig, train: SplitArrays, val: SplitArrays | None, *,
     scheduler = build_scheduler(
         optimizer, warmup_steps=round(config.warmup_epochs * num_steps), total_steps=config.epochs * num_steps
     )
-    amp_dtype = amp_dtype_for(device, config.amp)
+    amp_dtype = amp_dtype_for(device, config.amp, config.cpu_amp)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion = make_criterion(config.imbalance, train.labels, NUM_CLASSES, focal_gamma=config.focal_gamma,
                                label_smoothing=config.label_smoothing).to(device)

@@ -6,14 +6,12 @@ pretrained config, held in buffers, so a saved model carries its own normalisati
 
 from __future__ import annotations
 
-import os
-
 import timm
 import torch
 from torch import nn
 
 from hamtune.errors import HamtuneError
-from hamtune.training.weights import find_cached_weights, read_weights
+from hamtune.training.weights import check_model_name, describe_mismatch, read_pretrained
 from hamtune.vocab import META_DIM, NUM_CLASSES
 
 
@@ -79,23 +77,22 @@ def create_model(
     head_dropout: float = 0.3,
     pretrained: bool | str = False,
     meta_dim: int = 0,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> HamtuneNet:
     """Build a HamtuneNet around timm backbone `name`.
 
-    pretrained: False = random init; True = timm's ImageNet weights from the LOCAL cache only (never the network,
-    so a missing cache fails at once instead of after minutes of hub retries); a path = a .pth/.safetensors file.
+    pretrained: False = random init; True = ImageNet weights from hamtune's weights store or the local timm / HF
+    caches (never the network: missing weights fail at once, naming the `hamtune weights install` that fixes it);
+    a path = a .pth/.safetensors file. weights: the state dict itself, already read (what a search ships to its
+    trials through the object store); it replaces reading `pretrained` here.
     """
-    if not timm.is_model(name):
-        raise HamtuneError(f"model: unknown timm model {name!r} (see timm.list_models())")
-    if pretrained is True:
-        backbone = timm.create_model(
-            name, pretrained=True, num_classes=0,
-            pretrained_cfg_overlay=dict(file=str(find_cached_weights(name)), source=""),
-        )
-    else:
-        backbone = timm.create_model(name, pretrained=False, num_classes=0)
-        if pretrained:
-            load_backbone_weights(backbone, pretrained, name)
+    check_model_name(name)
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    if weights is not None:
+        load_backbone_weights(backbone, weights, name, "the weights the search shipped")
+    elif pretrained is not False:
+        where = f"{pretrained!r}" if isinstance(pretrained, str) else f"{name}'s installed ImageNet weights"
+        load_backbone_weights(backbone, read_pretrained(name, pretrained), name, where)
     cfg = backbone.pretrained_cfg
     return HamtuneNet(
         backbone,
@@ -108,8 +105,9 @@ def create_model(
     )
 
 
-def build_model(config) -> HamtuneNet:
-    """The network a TrainConfig describes (hamtune.training.config.TrainConfig: model, head, pretrained, use_meta)."""
+def build_model(config, weights: dict[str, torch.Tensor] | None = None) -> HamtuneNet:
+    """The network a TrainConfig describes (hamtune.training.config.TrainConfig: model, head, pretrained, use_meta);
+    `weights`, when given, are the pretrained backbone's state dict, already read."""
     return create_model(
         config.model,
         NUM_CLASSES,
@@ -117,28 +115,23 @@ def build_model(config) -> HamtuneNet:
         head_dropout=config.head_dropout,
         pretrained=config.pretrained,
         meta_dim=META_DIM if config.use_meta else 0,
+        weights=weights,
     )
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, name: str) -> None:
-    """Load an ImageNet-style checkpoint into a headless timm backbone: drop its classifier, strict on the rest."""
-    state = read_weights(path)
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, where: str) -> None:
+    """Load an ImageNet-style state dict into a headless timm backbone: its classifier dropped, every other tensor
+    required shape for shape (BatchNorm's num_batches_tracked counters may be missing, as PyTorch allows)."""
     classifiers = backbone.pretrained_cfg.get("classifier") or ()
     if isinstance(classifiers, str):
         classifiers = (classifiers,)
     state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
     own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                   if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
-        raise HamtuneError(f"pretrained: {str(path)!r} does not fit model {name!r}: " + "; ".join(parts))
-    backbone.load_state_dict(state, strict=True)
+        raise HamtuneError(f"pretrained: {where} does not fit model {name!r}: "
+                           + describe_mismatch(missing, unexpected, wrong_shape))
+    backbone.load_state_dict(state, strict=False)  # strict in effect: only the counters may be missing

@@ -18,7 +18,9 @@ def logits(model: nn.Module, images: np.ndarray, meta: np.ndarray | None, *, bat
            device: torch.device, tta: bool = False) -> torch.Tensor:
     """Float32 logits (or, with tta, mean probabilities' log) for all images, in order, on the CPU."""
     model.eval()
-    channels_last = device.type == "cuda"
+    # feed the memory format the weights are in (fit() trains channels_last; a loaded model file is contiguous)
+    channels_last = any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                        for p in model.parameters())
     amp_dtype = amp_dtype_for(device, True)
     uses_meta = getattr(model, "meta_dim", 0) > 0
     if uses_meta and meta is None:

@@ -23,7 +23,7 @@ from hamtune.training.config import TrainConfig
 
 STATE_FORMAT = 1
 # Keys that may differ between the run that saved a state and the one resuming it (where/how fast it runs).
-RESUME_FREE_KEYS = frozenset({"device", "num_threads", "compile", "amp", "channels_last"})
+RESUME_FREE_KEYS = frozenset({"device", "num_threads", "compile", "amp", "cpu_amp", "channels_last"})
 
 
 @dataclass

@@ -57,16 +57,16 @@ def cluster():
     test, another user of this machine) ever finds or joins it. The nodes listen on the machine's own address:
     Ray rewrites a 127.0.0.1 bootstrap address to that address when a driver connects.
 
-    Each node has its own weights caches (HF_HOME, TORCH_HOME in its raylet's environment, which its workers
-    inherit), as two machines would: the head's can be filled while the worker's stays empty.
+    Each node has its own weights store and caches (HAMTUNE_WEIGHTS_DIR, HF_HOME, TORCH_HOME in its raylet's
+    environment, which its workers inherit), as two machines would; here they stay empty.
     """
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # a local Ray left by an earlier test module would make init_ray skip connecting
     ray_tmp = tempfile.mkdtemp(prefix="hamtune-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    caches = {node: {"HF_HOME": f"{ray_tmp}/{node}-hf", "TORCH_HOME": f"{ray_tmp}/{node}-torch"}
-              for node in ("head", "worker")}
+    caches = {node: {"HF_HOME": f"{ray_tmp}/{node}-hf", "TORCH_HOME": f"{ray_tmp}/{node}-torch",
+                     "HAMTUNE_WEIGHTS_DIR": f"{ray_tmp}/{node}-weights"} for node in ("head", "worker")}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", ray_tmp)
         mp.setenv("RAY_AUTH_MODE", "token")
@@ -82,7 +82,7 @@ def cluster():
             c.wait_for_nodes()
             yield SimpleNamespace(address=c.address, env=dict(os.environ),
                                   node_ids={c.head_node.node_id, worker.node_id}, head_id=c.head_node.node_id,
-                                  worker_id=worker.node_id, head_hf=Path(caches["head"]["HF_HOME"]))
+                                  worker_id=worker.node_id, node_caches=caches)
         finally:
             ray.shutdown()
             c.shutdown()
@@ -204,33 +204,33 @@ def test_resume_continues_from_the_recorded_storage_path(search_run, cluster):
     assert sorted(trials["trial_id"]) == sorted(search_run.outcome.trials["trial_id"])
 
 
-def test_pretrained_weights_missing_on_one_node_exit_2_naming_that_node(cluster, tmp_path):
-    """pretrained: true, with resnet10t's weights in the head node's cache and none in the worker node's."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    cfg = timm.models.get_pretrained_cfg("resnet10t")
-    repo = cluster.head_hf / "hub" / f"models--{cfg.hf_hub_id.replace('/', '--')}"
-    (repo / "snapshots" / "0123abcd").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text("0123abcd")
-    torch.manual_seed(0)
-    save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(),
-              str(repo / "snapshots" / "0123abcd" / (cfg.hf_hub_filename or "model.safetensors")))
-
-    raw = tiny_spec(tmp_path / "cache", experiment="weights")
-    raw["model"]["pretrained"] = True
-    spec_path = tmp_path / "weights.yaml"
-    spec_path.write_text(yaml.safe_dump(raw))
-    storage = tmp_path / "shared-storage"
-    done = run_cli(["search", "--space", str(spec_path), "--address", cluster.address, "--storage-path",
-                    str(storage), "--results-dir", str(tmp_path / "results")], cluster.env, tmp_path)
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("hamtune: error:")]
-    assert len(errors) == 1, done.stderr[-3000:]
-    assert f"(node id {cluster.worker_id[:12]})" in errors[0] and cluster.head_id[:12] not in errors[0]
-    assert "pretrained: true needs resnet10t's ImageNet weights in a local cache" in errors[0]
-    assert "Traceback" not in done.stderr
-    assert not storage.exists()  # no trial folder: refused before the first trial
-    assert not (tmp_path / "results" / "weights" / res.EXPERIMENT_FILE).exists()
+def test_pretrained_trials_get_their_weights_through_the_object_store(cluster, tmp_path):
+    """pretrained: true, with tf_efficientnet_lite0's ImageNet weights installed in the driver's store only: neither
+    node has them, yet every trial trains from them, and its first epoch is not a random-init trial's."""
+    store = tmp_path / "driver-store"
+    env = {**cluster.env, "HAMTUNE_WEIGHTS_DIR": str(store), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    installed = run_cli(["weights", "install", "tf_efficientnet_lite0"], env, tmp_path)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    first_epoch = {}
+    for name, pretrained in (("pretrained", True), ("random-init", False)):
+        raw = tiny_spec(tmp_path / "cache", experiment=name)
+        raw["model"].update(name="tf_efficientnet_lite0", pretrained=pretrained)
+        raw["search"].update(num_samples=2, searcher="random", scheduler="fifo")
+        raw["train"]["epochs"] = 1
+        spec_path = tmp_path / f"{name}.yaml"
+        spec_path.write_text(yaml.safe_dump(raw))
+        done = run_cli(["search", "--space", str(spec_path), "--address", cluster.address, "--storage-path",
+                        str(tmp_path / "shared-storage"), "--results-dir", str(tmp_path / "results")], env, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        trials, history = res.load_tables(tmp_path / "results" / name)
+        assert len(trials) == 2 and set(trials["status"]) == {"completed"}, trials[["status", "message"]]
+        configs = trials.set_index("trial_id")[["config.lr", "config.augment_strength"]].round(12)
+        losses = history.set_index("trial_id")["val_loss"]
+        first_epoch[name] = {tuple(configs.loc[t]): losses[t] for t in trials["trial_id"]}
+    assert first_epoch["pretrained"].keys() == first_epoch["random-init"].keys()  # same seed, same configs
+    for config, loss in first_epoch["pretrained"].items():
+        assert loss != first_epoch["random-init"][config], config
+    for node_env in cluster.node_caches.values():  # no node ever held the weights
+        assert not Path(node_env["HAMTUNE_WEIGHTS_DIR"]).exists()
+        assert not list(Path(node_env["HF_HOME"]).rglob("*.safetensors"))

@@ -1,4 +1,5 @@
-"""The pretrained-weights preflight of a local search: one line and exit 2 before Ray or any trial starts."""
+"""The pretrained weights of a search, read once on the driver: missing ones are one line and exit 2 before Ray or
+any trial starts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from hamtune.errors import HamtuneError
-from hamtune.search.preflight import check_on_driver, weight_requests
+from hamtune.search.preflight import read_requested_weights, weight_requests, weights_key
 
 
 def spec(tmp_path: Path, model: dict, space: dict | None = None) -> Path:
@@ -33,7 +34,7 @@ def empty_caches(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TORCH_HOME", "XDG_CACHE_HOME")}
     return {**env, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
-            "RAY_USAGE_STATS_ENABLED": "0"}
+            "HAMTUNE_WEIGHTS_DIR": str(tmp_path / "store"), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def search(tmp_path: Path, spec_path: Path) -> subprocess.CompletedProcess:
@@ -43,8 +44,8 @@ def search(tmp_path: Path, spec_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("model", "space", "expected"), [
-    ({"pretrained": True}, None, "hamtune: error: pretrained: true needs resnet10t's ImageNet weights in a local "
-                                 "cache"),
+    ({"pretrained": True}, None, "hamtune: error: pretrained: true needs resnet10t's ImageNet weights, and none are "
+                                 "installed"),
     ({"pretrained": False}, {"pretrained": {"choice": [False, "/no/such/weights.pth"]}},
      "hamtune: error: pretrained: weights file '/no/such/weights.pth' does not exist"),
 ])
@@ -68,12 +69,23 @@ def test_weight_requests_cover_fixed_and_searched_values():
     assert weight_requests({}, {}) == []  # the defaults: resnet10t, pretrained false
 
 
-def test_an_existing_weights_file_passes(tmp_path, monkeypatch):
+def test_every_requested_file_is_read_once_and_a_bad_one_refused(tmp_path, monkeypatch):
+    import timm
+    import torch
+
     weights = tmp_path / "w.pth"
-    weights.write_bytes(b"")  # the preflight checks presence; reading it is the trial's job
-    check_on_driver({"pretrained": str(weights)}, {})
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    read = read_requested_weights({"pretrained": str(weights)}, {"model": {"choice": ["resnet10t", "resnet18"]}})
+    assert sorted(read) == [weights_key("resnet10t", str(weights)), weights_key("resnet18", str(weights))]
+    assert torch.equal(read[weights_key("resnet10t", str(weights))]["conv1.0.weight"],
+                       torch.load(weights, weights_only=True)["conv1.0.weight"])
+    assert read_requested_weights({"pretrained": False}, {}) == {}
     with pytest.raises(HamtuneError, match="does not exist"):
-        check_on_driver({"pretrained": str(tmp_path / "other.pth")}, {})
-    monkeypatch.chdir(tmp_path)  # the file is there, but a trial runs in its own folder: refused whatever the driver sees
-    with pytest.raises(HamtuneError, match="'w.pth' is a relative path; trials run in other folders"):
-        check_on_driver({"pretrained": "w.pth"}, {})
+        read_requested_weights({"pretrained": str(tmp_path / "other.pth")}, {})
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(HamtuneError, match="cannot read weights file"):
+        read_requested_weights({"pretrained": str(empty)}, {})
+    monkeypatch.chdir(tmp_path)  # the file is there, but a relative path means another file where trials run
+    with pytest.raises(HamtuneError, match="'w.pth' is a relative path"):
+        read_requested_weights({"pretrained": "w.pth"}, {})

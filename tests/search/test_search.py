@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -266,16 +265,16 @@ def test_asha_stopped_trials_are_pruned_in_optuna(finished_search):
     assert states == expected
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local, capfd):
-    """A weights file that exists (so the preflight passes) but is not a weights file: every retry would fail alike."""
+    """device: cuda where a trial runs and there is no GPU (a valid spec the driver cannot refuse: on a cluster the
+    trials' nodes may have the GPU the driver lacks): every retry would fail alike."""
     import json
 
     from hamtune.cli import main
 
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(b"this is not a weights file")
     raw = tiny_spec(tmp_path, tmp_path / "cache", **{
-        "experiment": "input-error", "model.pretrained": str(corrupt), "search.searcher": "random",
+        "experiment": "input-error", "train.device": "cuda", "search.searcher": "random",
         "search.scheduler": "fifo", "search.num_samples": 2, "search.max_failures": 3, "train.epochs": 1,
         "space": {"lr": {"choice": [1e-3, 2e-3]}}})
     # Through the CLI: a search whose every trial failed exits 2 with one line that says why, not a leaderboard error.
@@ -285,11 +284,11 @@ def test_an_input_error_ends_its_trial_once_with_the_reason(tmp_path, ray_local,
     errors = [line for line in err.splitlines() if line.startswith("hamtune: error:")]
     assert len(errors) == 1 and errors[0].startswith(
         "hamtune: error: no completed or stopped trial reported 'val_balanced_accuracy' (trials: 2 error); first "
-        f"error: pretrained: cannot read weights file '{corrupt}'"), errors
+        "error: train config: device='cuda' but CUDA is not available on this machine"), errors
     trials, _ = res.load_tables(tmp_path / "results" / "input-error")
     assert res.read_experiment(tmp_path / "results" / "input-error")["state"] == "finished"
     assert len(trials) == 2 and set(trials["status"]) == {"error"}
-    reason = f"pretrained: cannot read weights file '{corrupt}'"
+    reason = "train config: device='cuda' but CUDA is not available on this machine"
     assert all(m.startswith(reason) and "\n" not in m for m in trials["message"]), trials["message"]
     assert (tmp_path / "results" / "input-error" / "trials.csv").read_text().count(reason) == 2
     # Tune's own records: one attempt per trial (a retry would have started the trainable again and reported again),
@@ -346,35 +345,45 @@ def test_best_retrain_works_with_the_pruned_checkpoints(finished_search):
     assert "checkpoint (best epoch of the search)" in done.stdout
 
 
-def test_weights_gone_after_the_preflight_fail_the_trial_with_the_node_named(tmp_path, ray_local, monkeypatch):
-    """What a node that joins after the preflight meets: the trial checks the weights itself, before epoch 1.
-
-    The weights file exists when the driver checks it and is deleted as soon as the data is prepared (after the
-    preflight, before any trial starts), as it would be missing on a node the preflight never saw.
-    """
-    import ray
+def test_trials_train_from_the_weights_the_driver_read_once(tmp_path, ray_local, monkeypatch):
+    """The weights file is read by the driver and deleted before any trial starts: the trials still start from it
+    (it reached them through the object store), and their first epoch is not a random-init run's."""
+    import timm
+    import torch
 
     import hamtune.data.cache
     from hamtune.search.driver import run_search
     from hamtune.search.spec import spec_from_dict
+    from hamtune.training.model import build_model
+    from hamtune.training.config import TrainConfig
+    from hamtune.training.state import load_state
 
+    torch.manual_seed(123)
     weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"present for the preflight only")
+    pretrained = timm.create_model("resnet10t").state_dict()
+    torch.save(pretrained, weights)
     real_prepare = hamtune.data.cache.prepare
 
     def prepare_then_delete(*args, **kwargs):
         data = real_prepare(*args, **kwargs)
-        weights.unlink()
+        weights.unlink(missing_ok=True)
         return data
 
     monkeypatch.setattr(hamtune.data.cache, "prepare", prepare_then_delete)
-    raw = tiny_spec(tmp_path, tmp_path / "cache", **{
-        "experiment": "late-node", "model.pretrained": str(weights), "search.searcher": "random",
-        "search.scheduler": "fifo", "search.num_samples": 1, "train.epochs": 1})
-    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
+    runs = {}
+    for name, setting in (("shipped", str(weights)), ("random-init", False)):
+        raw = tiny_spec(tmp_path, tmp_path / "cache", **{
+            "experiment": name, "model.pretrained": setting, "search.searcher": "random", "search.scheduler": "fifo",
+            "search.num_samples": 1, "train.epochs": 1, "space": {"lr": 1e-5}})
+        runs[name] = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", verbose=0)
     assert not weights.exists()
-    (status, message), = outcome.trials[["status", "message"]].itertuples(index=False)
-    node_id = ray.nodes()[0]["NodeID"]
-    assert status == "error"
-    assert re.fullmatch(rf"on node [0-9.]+ \(node id {node_id[:12]}\): pretrained: weights file "
-                        rf"'{re.escape(str(weights))}' does not exist", message), message
+    shipped, random_init = runs["shipped"].trials.iloc[0], runs["random-init"].trials.iloc[0]
+    assert shipped["status"] == random_init["status"] == "completed"
+    assert shipped["best_val_loss"] != random_init["best_val_loss"]
+    state = load_state(Path(shipped["best_checkpoint"]) / "state.pt")
+    trained = build_model(TrainConfig.from_dict({**state["config"], "pretrained": False}))
+    trained.load_state_dict(state["model"])
+    stem = trained.backbone.state_dict()["conv1.0.weight"].flatten()
+    start = pretrained["conv1.0.weight"].flatten()
+    # one epoch at lr 1e-5 moves the stem a hair: it is the shipped weights, not a fresh random draw
+    assert torch.nn.functional.cosine_similarity(stem, start, dim=0) > 0.99

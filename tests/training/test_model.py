@@ -107,7 +107,7 @@ def test_pretrained_true_with_empty_cache_fails_with_where_and_how(tmp_path, mon
     assert str(tmp_path / "hf" / "hub" / "models--timm--resnet10t") in message  # where it looked
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet10t") in message
     assert "pretrained: /path/to/weights.pth" in message and ".safetensors" in message  # how to fix
-    assert "HF_HOME" in message
+    assert "run `hamtune weights install resnet10t`" in message  # the command that fixes it
 
 
 def test_pretrained_true_loads_from_a_populated_local_hf_cache(tmp_path, monkeypatch):
