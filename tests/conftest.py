@@ -89,7 +89,6 @@ def ray_worker_env():
 @pytest.fixture(scope="module")
 def ray_local(ray_worker_env):
     """A local Ray of 2 CPUs on 127.0.0.1 for this module, started as hamtune starts it, stopped after."""
-    import ray
 
     from hamtune.search.driver import init_ray
 

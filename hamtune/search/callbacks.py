@@ -71,16 +71,17 @@ class ResultsTablesCallback(tune.Callback):
         self.write(trials)
 
     def _status(self, trial) -> str:
-        # on_trial_complete runs while Tune still says RUNNING; and Tune also marks trials TERMINATED when a
-        # Ctrl-C ends the experiment, though those are interrupted, not done.
-        if trial.trial_id in self.ended and trial.status in ("RUNNING", "TERMINATED"):
+        # on_trial_complete runs while Tune still says RUNNING (or PAUSED: OrderedASHA stops a trial that waited at a
+        # rung); and Tune also marks trials TERMINATED when a Ctrl-C ends the experiment, though those are
+        # interrupted, not done.
+        if trial.trial_id in self.ended and trial.status in ("RUNNING", "TERMINATED", "PAUSED"):
             return "TERMINATED"
         return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
 
     def write(self, trials):
         table = write_tables(self.exp_dir, self.spec, self.history, [
-            {"trial_id": t.trial_id, "config": t.config, "tune_status": self._status(t),
-             "wall_time_s": self.wall.get(t.trial_id)} for t in trials])
+            {"trial_id": t.trial_id, "trial_index": i, "config": t.config, "tune_status": self._status(t),
+             "wall_time_s": self.wall.get(t.trial_id)} for i, t in enumerate(trials)])
         self._last_write = time.monotonic()
         return table
 

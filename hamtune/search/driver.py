@@ -25,6 +25,7 @@ from hamtune.search import preflight
 from hamtune.search import tables as res
 from hamtune.search.savings import compute_payoff
 from hamtune.search.spec import SearchSpec, load_spec, spec_from_dict
+from hamtune.search.startup import coverage_note
 from hamtune.search.warm_start import warm_start_points
 from hamtune.vocab import ENDED
 
@@ -70,6 +71,9 @@ def start_search(space: Path | None, *, resume: str | None = None, overrides: Ma
                     if state != "finished" else "")
             echo(f"results/{spec.experiment} already holds an experiment{hint}; this search is '{name}'")
             spec.experiment = name
+        note = coverage_note(spec)
+        if note:
+            echo(f"hamtune: note: {note}")
     return run_search(spec, results_dir=results_dir, address=address, storage_path=storage_path,
                       resume=resume is not None, warm_start=warm_dir)
 
@@ -226,10 +230,10 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         tuner = tune.Tuner(
             trainable,
             param_space=spec.tune_space(),
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec, warm_points), scheduler=make_scheduler(spec),
-                num_samples=spec.search.num_samples,
-                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=reuse_actors, **tune_metric),
+            tune_config=tune.TuneConfig(  # the searcher limits how many trials run at once (make_searcher)
+                search_alg=make_searcher(spec, warm_points),
+                scheduler=make_scheduler(spec, history=exp_dir.resolve() / "history.parquet"),
+                num_samples=spec.search.num_samples, reuse_actors=reuse_actors, **tune_metric),
             run_config=tune.RunConfig(
                 name=tune_name, storage_path=tune_storage, verbose=verbose,
                 callbacks=[ResultsTablesCallback(exp_dir, spec, tune_path)],

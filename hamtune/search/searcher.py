@@ -7,11 +7,13 @@ Only the driver imports this module (it loads Optuna and Ray Tune's searchers); 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from hamtune.search.spec import SearchSpec
+from hamtune.search.startup import start_up_points
 from hamtune.vocab import ERROR, NON_FINITE
 
 log = logging.getLogger("hamtune")
@@ -55,27 +57,42 @@ class PruningAwareOptunaSearch(OptunaSearch):
 
 
 def make_searcher(spec: SearchSpec, warm_start: list | None = None):
+    """The searcher, limited to search.max_concurrent trials at once. Deterministic (search.deterministic): Optuna
+    proposes in waves of max_concurrent, each wave after the last one ended, so every suggestion sees the same
+    results whatever the timing; random search never looks at results, so its order is fixed anyway."""
+    from ray.tune.search import ConcurrencyLimiter
+
     s = spec.search
     if s.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        # Tune ignores TuneConfig.max_concurrent_trials when handed a generator, so it goes here too.
-        return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
+        # a generator is not a Searcher: Tune would ignore TuneConfig.max_concurrent_trials, so it goes here
+        return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent,
+                                     points_to_evaluate=start_up_points(spec) if s.cover_choices else None)
     import optuna
 
+    points = start_up_points(spec) if s.cover_choices else []
+    startup = max(min(s.startup_trials, s.num_samples), len(points))
     sampler = optuna.samplers.TPESampler(
-        seed=s.seed, n_startup_trials=min(s.startup_trials, s.num_samples), multivariate=s.multivariate,
+        seed=s.seed, n_startup_trials=startup, multivariate=s.multivariate,
         constant_liar=s.constant_liar) if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    return PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs,
-                                    warm_start=warm_start)
+    searcher = PruningAwareOptunaSearch(metric=s.metric, mode=s.mode, sampler=sampler, max_epochs=spec.max_epochs,
+                                        warm_start=warm_start, points_to_evaluate=points or None)
+    return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent, batch=s.deterministic)
 
 
-def make_scheduler(spec: SearchSpec):
+def make_scheduler(spec: SearchSpec, history: Path | None = None):
+    """FIFO, or ASHA on the epoch clock: OrderedASHA (decisions in trial order, rebuilt from `history` on resume)
+    when search.deterministic, else Tune's own ASHAScheduler."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = spec.search
     if s.scheduler == "fifo":
         return FIFOScheduler()
-    # The epoch is ASHA's clock: trials report once per epoch.
+    if s.deterministic:
+        from hamtune.search.scheduler import OrderedASHA
+
+        return OrderedASHA(metric=s.metric, mode=s.mode, max_t=spec.max_epochs, grace_period=s.grace_period,
+                           reduction_factor=s.reduction_factor, history=history)
     return ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=spec.max_epochs,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)

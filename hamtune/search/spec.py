@@ -53,6 +53,8 @@ class SearchSettings(_Section):
     sampler: Str = expect("'tpe' or 'random'", default="tpe", pattern="^(tpe|random)$")  # the Optuna sampler
     # TPE samples at random until this many trials have finished (capped at num_samples)
     startup_trials: Int = expect("an integer >= 0", default=5, ge=0)
+    # the first trials cover every value of every `choice` (stratified) and spread the continuous keys (Sobol)
+    cover_choices: Bool = True
     multivariate: Bool = True  # TPE models the hyperparameters jointly (Optuna 5's default)
     constant_liar: Bool = True  # TPE treats running trials as bad so concurrent suggestions differ (Optuna 5's default)
     seed: Int = 0
@@ -60,6 +62,8 @@ class SearchSettings(_Section):
     grace_period: Int = 1
     reduction_factor: Int = expect("an integer >= 2", default=2, ge=2)
     max_failures: Int = expect("an integer >= 0", default=1, ge=0)
+    # suggestions in waves and ASHA decisions in trial order: the same spec and seed give the same search
+    deterministic: Bool = True
     # trials whose best weights survive the search (the rest keep only tables)
     keep_best_checkpoints: Int = expect("an integer >= 1 (the best trial's weights are always kept)", default=3, ge=1)
 

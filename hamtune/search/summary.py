@@ -26,10 +26,40 @@ def search_summary(outcome) -> list[str]:
     lines = ["", f"experiment {spec.experiment}: {outcome.state} in {outcome.wall_time_s:.0f} s"
              + (f", warm-started from {outcome.warm_start.name}" if outcome.warm_start else "")]
     lines += describe_payoff(compute_payoff(trials, history, record))
+    lines += coverage_lines(trials, record)
     lines += [res.format_table(board), "", f"tables and plots: {outcome.exp_dir}/  (hamtune results "
               f"{spec.experiment}; hamtune best {spec.experiment} --retrain)"]
     if outcome.state != "finished":
         lines.append(f"resume with: hamtune search --resume {spec.experiment}")
+    return lines
+
+
+def coverage_lines(trials: pd.DataFrame, record: dict) -> list[str]:
+    """For every searched `choice`: how many trials each value got and how far they went, so a value the search
+    never tried (or only ever cut early) is said, not hidden."""
+    from hamtune.search.space import searched
+    from hamtune.vocab import COMPLETED
+
+    metric, mode = record["metric"], record.get("mode", "max")
+    max_epochs = int(record.get("max_epochs") or 0)
+    lines = []
+    for key, dist in searched(record.get("spec", {}).get("space", {})).items():
+        column = f"config.{key}"
+        if not dist.is_choice or column not in trials.columns:
+            continue
+        parts = []
+        for value in dist.args:
+            got = trials[trials[column].map(lambda v, value=value: v == value)]
+            if got.empty:
+                parts.append(f"{value}: 0 trials")
+                continue
+            full = int((got["status"] == COMPLETED).sum())
+            scores = got.get(f"best_{metric}", pd.Series(dtype=float))
+            best = scores.max() if mode == "max" else scores.min()
+            reached = int(got["epochs"].max())
+            parts.append(f"{value}: {len(got)} trial{'s' if len(got) != 1 else ''} ({full} ran all {max_epochs} "
+                         f"epochs, furthest epoch {reached}" + (f", best {best:.3f}" if pd.notna(best) else "") + ")")
+        lines.append(f"{key}: " + "; ".join(parts))
     return lines
 
 
@@ -57,6 +87,7 @@ def experiment_summary(name: str | None, results_dir: Path, *, top: int | None =
                      f"({record['mode']})" + (f", warm-started from {record['warm_start']['experiment']}"
                                               if record.get("warm_start") else ""))
         lines += describe_payoff(compute_payoff(trials, history, record))
+        lines += coverage_lines(trials, record)
     lines.append(res.format_table(board, fmt))
     if importance:
         from hamtune.reports.search_plots import plot_importance

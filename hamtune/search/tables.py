@@ -42,8 +42,9 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
                  max_epochs: int) -> pd.DataFrame:
     """One row per trial: id, status, config, epochs run, best and last of every metric, the epoch of the best.
 
-    `trials` are mappings with trial_id, tune_status (PENDING/RUNNING/TERMINATED/ERROR), config, wall_time_s and
-    optionally best_checkpoint; `history` is history_table's output.
+    `trials` are mappings with trial_id, trial_index (the order the searcher made them in), tune_status
+    (PENDING/RUNNING/TERMINATED/ERROR), config, wall_time_s and optionally best_checkpoint; `history` is
+    history_table's output.
     """
     trials = list(trials)
     metric_cols = [c for c in history.columns if c not in ("trial_id", "epoch", "trial_status")
@@ -79,6 +80,7 @@ def trials_table(trials: Iterable[Mapping[str, Any]], history: pd.DataFrame, *, 
         epochs = int(s.get("epochs", 0))
         row: dict[str, Any] = {
             "trial_id": trial_id,
+            "trial_index": t.get("trial_index"),  # the searcher's order (Tune's ids are random, not counters)
             "status": ERROR if trial_id in input_error else
                       trial_status(t["tune_status"], epochs, max_epochs, trial_id in non_finite),
             "epochs": epochs,
