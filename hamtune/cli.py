@@ -76,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed the searcher with an earlier experiment's finished trials (configs and results)")
     search.add_argument("--address", help="join a running Ray cluster (e.g. 'auto'); default: local Ray on 127.0.0.1")
     search.add_argument("--storage-path", help="shared storage for a multi-node cluster (s3://..., gs://..., NFS path)")
+    search.add_argument("--mlflow", metavar="URI", help="log every trial to MLflow (file:/path or http://server)")
     search.add_argument("--results-dir", **RESULTS)
     search.add_argument("--smoke-test", action="store_true",
                         help="tiny run to check the set-up: 2 trials, 2 epochs, small synthetic data")
+
+    dashboard = sub.add_parser("dashboard", help="optuna-dashboard on an experiment's Optuna study, live")
+    dashboard.add_argument("name", nargs="?", help="experiment (default: the latest)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0 picks one)")
+    dashboard.add_argument("--results-dir", **RESULTS)
 
     results = sub.add_parser("results", help="list experiments, or show one experiment's leaderboard")
     results.add_argument("name", nargs="?", help="experiment (default: list all)")
@@ -129,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, call the command's handler (its return value, or 0, is the exit code), say a HamtuneError in one line."""
     args = build_parser().parse_args(argv)
     try:
-        handler = {"data": cmd_data, "weights": cmd_weights, "search": cmd_search, "results": cmd_results,
-                   "best": cmd_best, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}[args.command]
+        handler = {"data": cmd_data, "weights": cmd_weights, "search": cmd_search, "dashboard": cmd_dashboard,
+                   "results": cmd_results, "best": cmd_best, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                   "serve": cmd_serve}[args.command]
         return handler(args) or 0
     except HamtuneError as exc:
         print(f"hamtune: error: {exc}", file=sys.stderr)
@@ -145,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def cmd_data(args) -> int:
+def cmd_data(args) -> None:
     if args.data_command == "download":
         from hamtune.data.download import download_all
 
         download_all(args.dataset, args.dest, args.base_url, retries=args.retries, echo=_echo)
-        return 0
+        return
     from hamtune.data import SplitSpec, prepare
 
     prepared = prepare(args.source, args.image_size, cache_dir=args.cache_dir, strict=args.strict,
@@ -163,17 +171,15 @@ def cmd_data(args) -> int:
         print(class_table(prepared).to_string(index=False))
         for path in write_exploration_plots(prepared, args.plots) if args.plots else []:
             print(f"wrote {path}")
-    return 0
 
 
-def cmd_weights(args) -> int:
+def cmd_weights(args) -> None:
     from hamtune.training import weights
 
     if args.weights_command == "install":
         weights.install(args.model, args.source, echo=_echo)
     else:
         print("\n".join(weights.describe(weights.list_installed())))
-    return 0
 
 
 def cmd_search(args) -> int:
@@ -182,7 +188,8 @@ def cmd_search(args) -> int:
 
     overrides = {"experiment": args.name, "data.source": args.source, "search.num_samples": args.num_samples,
                  "train.epochs": args.max_epochs, "search.max_concurrent": args.max_concurrent,
-                 "resources.cpu": args.cpus_per_trial, "resources.gpu": args.gpus_per_trial, "search.seed": args.seed}
+                 "resources.cpu": args.cpus_per_trial, "resources.gpu": args.gpus_per_trial, "search.seed": args.seed,
+                 "search.mlflow": args.mlflow}
     outcome = start_search(args.space, resume=args.resume, overrides=overrides, smoke_test=args.smoke_test,
                            warm_start=args.warm_start, results_dir=args.results_dir, address=args.address,
                            storage_path=args.storage_path, echo=_echo)
@@ -190,47 +197,48 @@ def cmd_search(args) -> int:
     return 0 if outcome.state == "finished" else EXIT_INTERRUPTED
 
 
-def cmd_results(args) -> int:
+def cmd_dashboard(args) -> None:
+    from hamtune.search.dashboard import dashboard
+
+    dashboard(args.name, results_dir=args.results_dir, port=args.port, echo=_echo)
+
+
+def cmd_results(args) -> None:
     from hamtune.search.summary import experiment_summary, experiments_listing
 
     if not args.name and not args.importance:
         print(experiments_listing(args.results_dir, args.format))
-        return 0
+        return
     print("\n".join(experiment_summary(args.name, args.results_dir, top=args.top, sort=args.sort, fmt=args.format,
                                        importance=args.importance)))
-    return 0
 
 
-def cmd_best(args) -> int:
+def cmd_best(args) -> None:
     from hamtune.final.best import best
 
     best(args.name, results_dir=args.results_dir, top=args.top, metric=args.metric, mode=args.mode,
          retrain=args.retrain, epochs=args.epochs, seeds=args.seeds, tta=args.tta, calibration=args.calibration,
          echo=_echo)
-    return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args) -> None:
     from hamtune.final.inference import evaluate_external
 
     evaluate_external(args.model, args.images, args.labels, official_test=args.isic2018_test, out_dir=args.out,
                       tta=args.tta, echo=_echo)
-    return 0
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args) -> None:
     from hamtune.final.inference import predict_to
 
     predict_to(args.model, args.inputs, args.out, tta=args.tta, echo=_echo,
                warn=lambda line: print(line, file=sys.stderr))
-    return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args) -> None:
     from hamtune.serve.app import serve
 
     serve(args.model, host=args.host, port=args.port, echo=_echo)
-    return 0
 
 
 def _echo(line: str) -> None:

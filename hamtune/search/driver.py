@@ -11,28 +11,35 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from hamtune.data.cache import prepare_spec_data
 from hamtune.errors import HamtuneError
-from hamtune.io import atomic_write_json, atomic_write_table, now_iso
+from hamtune.io import atomic_write_bytes, atomic_write_json, atomic_write_table, now_iso
 from hamtune.reports.search_plots import write_search_plots
 from hamtune.search import preflight
 from hamtune.search import tables as res
+from hamtune.search.lock import experiment_lock, refuse_if_busy
 from hamtune.search.savings import compute_payoff
 from hamtune.search.spec import SearchSpec, load_spec, spec_from_dict
 from hamtune.search.startup import coverage_note
 from hamtune.search.warm_start import warm_start_points
-from hamtune.vocab import ENDED
+from hamtune.vocab import ENDED, INTERRUPTED
 
 log = logging.getLogger("hamtune")
+MEMORY_KILL = "running low on memory"  # what Ray says when its memory monitor kills a worker
 Echo = Callable[[str], None]
 SMOKE_TEST = {"search.num_samples": 2, "train.epochs": 2, "data.synthetic_size": 300, "data.image_size": 16,
               "search.grace_period": 1}
+SMOKE_NAME = "smoke-test"  # the smoke test's experiment: renamed smoke-test-2, ... when it is there already
 
 
 @dataclass
@@ -53,17 +60,26 @@ def start_search(space: Path | None, *, resume: str | None = None, overrides: Ma
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if smoke_test:
         overrides = {**SMOKE_TEST, **overrides}
-        overrides.setdefault("experiment", "smoke-test")
+        overrides.setdefault("experiment", SMOKE_NAME)
     warm_dir = res.experiment_dir(warm_start, results_dir) if warm_start else None
     if resume is not None:
         if space:
             raise HamtuneError("--resume continues an experiment with its own recorded spec; drop --space")
         exp_dir = res.experiment_dir(resume or None, results_dir)
+        refuse_if_busy(exp_dir)
         spec = spec_from_dict(res.read_experiment(exp_dir)["spec"], source=str(exp_dir / res.EXPERIMENT_FILE))
     else:
         if not space:
             raise HamtuneError("search needs --space FILE (e.g. search_spaces/default.yaml) or --resume [NAME]")
         spec = load_spec(space, overrides)
+        refuse_if_busy(results_dir / spec.experiment)
+        if "experiment" in overrides and overrides["experiment"] != SMOKE_NAME:  # asked for by name: never renamed
+            existing = results_dir / spec.experiment / res.EXPERIMENT_FILE
+            if existing.is_file():
+                state = res.read_experiment(existing.parent).get("state")
+                raise HamtuneError(f"{existing.parent} already holds experiment '{spec.experiment}' ({state}): "
+                                   f"continue it with `hamtune search --resume {spec.experiment}` or give another "
+                                   "--name")
         name = res.unused_name(spec.experiment, results_dir)
         if name != spec.experiment:
             state = res.read_experiment(results_dir / spec.experiment).get("state")
@@ -94,6 +110,9 @@ def ray_environment(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not address and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A local Ray on 127.0.0.1 turns token authentication on by itself and says so on every start, before
+        # hamtune's own lines; the setting stays (Ray's default), the notice goes.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -150,10 +169,12 @@ def uses_meta(spec: SearchSpec) -> bool:
 
 def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address: str | None = None,
                storage_path: str | None = None, resume: bool = False, num_cpus: int | None = None,
-               verbose: int = 1, reuse_actors: bool = True, warm_start: Path | None = None) -> SearchOutcome:
+               verbose: int = 1, reuse_actors: bool = True, warm_start: Path | None = None,
+               mlflow: str | None = None) -> SearchOutcome:
     """Prepare the data once, start (or resume) the Tuner, keep the tables current, return the outcome.
 
     warm_start: an earlier experiment's folder; its finished trials seed the searcher (hamtune.search.searcher).
+    mlflow: an MLflow tracking URI to log every trial to (a resume keeps the one the search started with).
     """
     exp_dir = results_dir / spec.experiment
     record_path = exp_dir / res.EXPERIMENT_FILE
@@ -171,6 +192,11 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
             raise HamtuneError("--warm-start starts a new search; --resume continues one with the searcher it had")
         warm_points = warm_start_points(warm_start, res.read_experiment(warm_start), spec)
         warm_record = {"experiment": warm_start.name, "path": str(warm_start.resolve()), "trials": len(warm_points)}
+    mlflow = mlflow or spec.search.mlflow
+    if mlflow:
+        from hamtune.search.tracking import require_mlflow
+
+        require_mlflow(mlflow)
     trial_resources = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
     # Read once here, shipped to every trial through the object store: missing weights are one line before Ray starts.
     weights = preflight.read_requested_weights(spec.train, spec.space)
@@ -179,18 +205,31 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
         # Locally, bad data is refused before Ray starts (nothing of Ray's on the console but the one line).
         data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
     init_ray(address, num_cpus)
-    # Ray is up: now the modules that import it (Tune's searchers, callbacks, the trainable) may load.
-    from ray import tune
-
-    from hamtune.search.callbacks import ResultsTablesCallback
-    from hamtune.search.searcher import make_scheduler, make_searcher
-    from hamtune.search.trainable import train_trial
-
     check_cluster(address, storage_path, trial_resources)
     if address:  # on a cluster, what Ray's nodes can hold is checked before any decoding
         data = prepare_spec_data(spec.data, needs_meta=uses_meta(spec))
-    train, val = data.arrays("train"), data.arrays("val")  # the test split stays on disk, out of Ray's reach
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    # What goes to the object store; _search takes it out of here, so the driver keeps no copy while trials run.
+    payload = {"train": data.arrays("train"), "val": data.arrays("val"), "weights": weights}  # no test split
+    del weights
+    with experiment_lock(exp_dir):
+        if not resume and record_path.is_file():  # another search of this name got here first and has finished
+            raise HamtuneError(f"{exp_dir} already holds experiment '{spec.experiment}': start another with --name")
+        return _search(spec, exp_dir, data, payload, storage_path=storage_path, resume=resume, verbose=verbose,
+                       reuse_actors=reuse_actors, warm_start=warm_start, warm_points=warm_points,
+                       warm_record=warm_record, mlflow=mlflow)
+
+
+def _search(spec: SearchSpec, exp_dir: Path, data, payload: dict, *, storage_path, resume, verbose, reuse_actors,
+            warm_start, warm_points, warm_record, mlflow) -> SearchOutcome:
+    """The Tuner over the prepared data, with the experiment locked: record, fit, tables."""
+    # Ray is up: the modules that import it (Tune's searchers, callbacks, the trainable) may load now.
+    from ray import tune
+
+    from hamtune.search.callbacks import ResultsTablesCallback, tracking_callbacks
+    from hamtune.search.searcher import make_scheduler, make_searcher
+    from hamtune.search.trainable import train_trial
+
+    record_path = exp_dir / res.EXPERIMENT_FILE
     if storage_path:
         tune_storage, tune_name = storage_path, spec.experiment
     else:
@@ -210,43 +249,82 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
                                                 "sizes": data.split_sizes()},
         "max_epochs": spec.max_epochs, "searched": spec.searched_keys(),
         "warm_start": warm_record if not resume else previous.get("warm_start"),
+        "optuna_storage": str(optuna_journal(exp_dir)) if spec.search.searcher == "optuna" else None,
+        "mlflow": mlflow,
     }
     atomic_write_json(record_path, record)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, train=train, val=val, fixed=dict(spec.train), cpus=spec.resources.cpu,
-                             weights=weights),
+        tune.with_parameters(train_trial, fixed=dict(spec.train), cpus=spec.resources.cpu, **payload),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    del train, val, weights  # with_parameters has put them in the object store; the driver needs no copy
+    payload.clear()  # with_parameters has put them in the object store; the driver needs no copy
     start = time.monotonic()
+    journal = optuna_journal(exp_dir)
+    # the experiment lock is held: a journal lock left by a killed driver is stale (Optuna would wait 30 s on it)
+    journal.with_name(journal.name + ".lock").unlink(missing_ok=True)
     if resume and tune.Tuner.can_restore(tune_path):
         # Finished trials, the searcher's state and our results callback all come back from Tune's own records.
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         # Tune needs the metric itself only when neither the searcher nor the scheduler carries it; the progress
         # reporter may then not carry it too (Tune refuses both), and Tune hands it to the reporter instead.
+        journal.unlink(missing_ok=True)  # a fresh start: no study from an attempt Tune kept nothing of
         tune_metric = ({} if spec.search.searcher == "optuna" or spec.search.scheduler == "asha"
                        else {"metric": spec.search.metric, "mode": spec.search.mode})
         tuner = tune.Tuner(
             trainable,
             param_space=spec.tune_space(),
             tune_config=tune.TuneConfig(  # the searcher limits how many trials run at once (make_searcher)
-                search_alg=make_searcher(spec, warm_points),
+                search_alg=make_searcher(spec, warm_points, storage=journal),
                 scheduler=make_scheduler(spec, history=exp_dir.resolve() / "history.parquet"),
                 num_samples=spec.search.num_samples, reuse_actors=reuse_actors, **tune_metric),
             run_config=tune.RunConfig(
                 name=tune_name, storage_path=tune_storage, verbose=verbose,
-                callbacks=[ResultsTablesCallback(exp_dir, spec, tune_path)],
+                callbacks=[ResultsTablesCallback(exp_dir, spec, tune_path), *tracking_callbacks(record["mlflow"], spec)],
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=spec.search.metric,
                     checkpoint_score_order=spec.search.mode),  # keeps the best and, always, the latest
                 progress_reporter=_reporter(spec, with_metric=not tune_metric) if verbose else None),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as exc:  # Tune gave up (workers killed, a full disk, a lost head): the tables must say so
+        _stopped(spec, exp_dir, record, time.monotonic() - start, resume, exc)
     wall = time.monotonic() - start
     paths = {r.metrics["trial_id"]: r.path for r in grid if (r.metrics or {}).get("trial_id") and r.path}
     return _finish(spec, exp_dir, record, tune_path, paths, wall, resume, warm_start)
+
+
+def optuna_journal(exp_dir: Path) -> Path:
+    """Where an Optuna search keeps its study: a journal file another process (optuna-dashboard) can read live."""
+    return exp_dir.resolve() / "optuna.journal"
+
+
+def _stopped(spec: SearchSpec, exp_dir: Path, record: dict, wall: float, resume: bool, exc: Exception) -> None:
+    """The search cannot go on: the tables say which trials were cut short (never `running` once the driver has
+    gone), the record says interrupted, and the user gets one line: what happened and how to continue."""
+    trials_file = exp_dir / "trials.parquet"
+    memory = False
+    if trials_file.is_file():
+        trials = res.load_tables(exp_dir)[0]
+        trials.loc[~trials["status"].isin(ENDED), "status"] = INTERRUPTED
+        atomic_write_table(trials, trials_file)
+        memory = trials.get("message", pd.Series(dtype=object)).astype(str).str.contains(MEMORY_KILL).any()
+    record.update(state=INTERRUPTED, updated=now_iso(),
+                  wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
+    atomic_write_json(exp_dir / res.EXPERIMENT_FILE, record)
+    # Tune wraps the cause in a traceback: its last "SomeError: ..." line says what happened; the whole text is kept
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    reason = ((cause or lines or [type(exc).__name__])[-1])[:300]
+    log_file = exp_dir / "stopped.log"
+    atomic_write_bytes(log_file, "".join(traceback.format_exception(exc)).encode())
+    memory = memory or MEMORY_KILL in str(exc)
+    advice = (" Ray's memory monitor killed trial workers (the machine ran out of memory): lower "
+              "search.max_concurrent (--max-concurrent), data.image_size or train.batch_size." if memory else "")
+    raise HamtuneError(f"the search of experiment '{spec.experiment}' stopped: {reason} (whole error: {log_file}).{advice} "
+                       f"Finished trials are kept in {exp_dir}; continue with `hamtune search --resume {spec.experiment}`") from None
 
 
 def _finish(spec: SearchSpec, exp_dir: Path, record: dict, tune_path: str, paths: dict[str, str], wall: float,

@@ -22,6 +22,8 @@ import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from hamtune.search.tables import creation_index
+
 log = logging.getLogger("hamtune")
 
 
@@ -66,8 +68,8 @@ class OrderedASHA(FIFOScheduler):
     # -- Tune's calls -----------------------------------------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
-        self._order.setdefault(trial.trial_id, len(self._order))
         self._rebuild_once()
+        self._order.setdefault(trial.trial_id, creation_index(trial.experiment_tag, len(self._order)))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self._rebuild_once()
@@ -186,8 +188,8 @@ class OrderedASHA(FIFOScheduler):
         if history.empty or self._metric not in history.columns or not trials_file.is_file():
             return
         trials = pd.read_parquet(trials_file).sort_values("trial_index", kind="stable")
-        for trial_id in trials["trial_id"]:  # the earlier run's order, as its searcher made the trials
-            self._order.setdefault(trial_id, len(self._order))
+        for trial_id, index in zip(trials["trial_id"], trials["trial_index"]):  # the order its searcher made them in
+            self._order.setdefault(trial_id, int(index) if pd.notna(index) else len(self._order))
         self._ended |= set(trials.loc[ended_for_good(trials), "trial_id"])
         for trial_id, epoch, value in zip(history["trial_id"], history["epoch"], history[self._metric]):
             self._record(trial_id, int(epoch), value)

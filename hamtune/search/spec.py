@@ -64,6 +64,7 @@ class SearchSettings(_Section):
     max_failures: Int = expect("an integer >= 0", default=1, ge=0)
     # suggestions in waves and ASHA decisions in trial order: the same spec and seed give the same search
     deterministic: Bool = True
+    mlflow: Str | None = None  # an MLflow tracking URI (file:/path or http://server): one MLflow run per trial
     # trials whose best weights survive the search (the rest keep only tables)
     keep_best_checkpoints: Int = expect("an integer >= 1 (the best trial's weights are always kept)", default=3, ge=1)
 

@@ -29,6 +29,13 @@ def metric_values(result: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[s
     return row
 
 
+def creation_index(experiment_tag: str | None, fallback: int) -> int:
+    """A trial's place in the searcher's order, 0-based, from Tune's experiment tag ("<counter>_<params>"): Tune's
+    list of trials comes back in another order after a restore, the tag never changes."""
+    head = str(experiment_tag or "").split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() and int(head) > 0 else fallback
+
+
 def history_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per trial and epoch; a re-reported epoch (a trial resumed from an older checkpoint) keeps its latest."""
     df = pd.DataFrame(list(rows))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -89,17 +90,21 @@ def _report_final(status: str, message: str, epoch: int, last_metrics: dict | No
 
 
 def _inject_crash(epoch: int) -> None:
-    """Fault injection for the fault-tolerance test, in the spirit of Ray's own RAY_testing_* switches.
+    """Fault injection for the fault-tolerance tests, in the spirit of Ray's own RAY_testing_* switches.
 
-    HAMTUNE_INJECT_CRASH=<marker file> makes the first trial that finishes epoch 1 raise once (the marker file
-    records that it happened, across processes); unset in normal use.
+    HAMTUNE_INJECT_CRASH=<marker file> makes the first trial that finishes epoch 1 raise once;
+    HAMTUNE_INJECT_KILL=<marker file> makes it SIGKILL its own worker process once (what Ray's memory monitor or an
+    out-of-memory kill does to it). The marker file records that it happened, across processes; unset in normal use.
     """
-    marker = os.environ.get("HAMTUNE_INJECT_CRASH")
-    if not marker or epoch != 1:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    raise RuntimeError("injected crash (HAMTUNE_INJECT_CRASH)")
+    for variable, fault in (("HAMTUNE_INJECT_CRASH", "raise"), ("HAMTUNE_INJECT_KILL", "kill")):
+        marker = os.environ.get(variable)
+        if not marker or epoch != 1:
+            continue
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected crash (HAMTUNE_INJECT_CRASH)")

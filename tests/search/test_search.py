@@ -177,6 +177,10 @@ def test_non_finite_trial_ends_alone(tmp_path, ray_local):
 
 
 def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
     spec = tiny_spec(tmp_path, tmp_path / "cache", **{"search.num_samples": 6, "experiment": "killed"})
     spec_path = write_spec(tmp_path, spec)
     cmd = [sys.executable, "-m", "hamtune.cli", "search", "--results-dir", str(tmp_path / "results")]
@@ -211,7 +215,17 @@ def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after, history = res.load_tables(exp)
     assert res.read_experiment(exp)["state"] == "finished"
-    assert len(after) == 6 and set(after["status"]) <= {"completed", "stopped"}
+    assert len(after) == 6 and set(after["status"]) <= {"completed", "stopped"}, after.get("message")
+    # the Optuna study (journal) continued too: six trials, none left running, the same per-epoch values
+    study = optuna.load_study(study_name="killed", storage=JournalStorage(JournalFileBackend(str(exp / "optuna.journal"))))
+    assert len(study.trials) == 6 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    by_params = {round(t.params["lr"], 12): t for t in study.trials}
+    for row in after.itertuples():
+        curve = history[history["trial_id"] == row.trial_id].sort_values("epoch")
+        got = by_params[round(after.loc[row.Index, "config.lr"], 12)]
+        assert list(got.intermediate_values) == list(curve["epoch"])
+        assert list(got.intermediate_values.values()) == pytest.approx(list(curve["val_balanced_accuracy"]))
+        assert got.state.name == ("PRUNED" if row.status == "stopped" else "COMPLETE")
     merged = finished_before.merge(after, on="trial_id", suffixes=("_before", "_after"))
     assert len(merged) == len(finished_before)
     for col in ("epochs", "best_val_balanced_accuracy", "config.lr", "status"):

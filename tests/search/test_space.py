@@ -118,7 +118,7 @@ def test_tpe_settings_reach_optunas_sampler():
 
     raw = base_spec()
     raw["search"].update(startup_trials=7, multivariate=False, constant_liar=False, num_samples=20)
-    sampler = make_searcher(spec_from_dict(raw))._sampler
+    sampler = make_searcher(spec_from_dict(raw)).searcher._sampler
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (7, False, False)
     raw["search"].update(num_samples=4)  # never more start-up trials than trials
-    assert make_searcher(spec_from_dict(raw))._sampler._n_startup_trials == 4
+    assert make_searcher(spec_from_dict(raw)).searcher._sampler._n_startup_trials == 4
