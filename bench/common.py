@@ -226,8 +226,9 @@ def publish(heading: str, body: str, *, dry_run: bool) -> None:
 
 
 class StepRig:
-    """The limit both step benchmarks compare against: hamtune's model and optimiser set up as fit() sets them up
-    (AMP and channels_last on CUDA only), trained on one fixed batch already on the device."""
+    """The limit the step benchmarks compare against: hamtune's model and optimiser set up as fit() sets them up
+    (channels_last on CPU and CUDA, AMP on CUDA, bf16 autocast on CPU with cpu_amp), trained on one fixed batch
+    already on the device."""
 
     def __init__(self, config, device, image_size: int, batch_size: int):
         import torch
@@ -239,11 +240,11 @@ class StepRig:
 
         self.device, self.batch_size = device, batch_size
         self.model = build_model(config).to(device)
-        self.channels_last = config.channels_last and device.type == "cuda"
+        self.channels_last = config.channels_last and device.type in ("cpu", "cuda")  # as fit() decides
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(config, self.model)
-        self.amp_dtype = amp_dtype_for(device, config.amp)
+        self.amp_dtype = amp_dtype_for(device, config.amp, config.cpu_amp)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         gen = torch.Generator().manual_seed(0)
         x = torch.rand(batch_size, 3, image_size, image_size, generator=gen).to(device)

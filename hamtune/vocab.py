@@ -33,6 +33,8 @@ LOCALIZATIONS = (
     "neck", "scalp", "trunk", "unknown", "upper extremity",
 )
 META_DIM = 1 + len(SEXES) + len(LOCALIZATIONS)
+# How a diagnosis was confirmed (dx_type): histopathology, follow-up, expert consensus, in-vivo confocal microscopy.
+DX_TYPES = ("histo", "follow_up", "consensus", "confocal")
 
 IMBALANCE_STRATEGIES = ("none", "weighted_loss", "oversample", "focal")
 OPTIMIZERS = ("adamw", "sgd")

@@ -16,11 +16,12 @@ from hamtune.vocab import CLASSES, ISIC_COLUMNS
 def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
     """Labels from a HAM10000 metadata CSV or an ISIC 2018 Task 3 ground-truth CSV.
 
-    Returns (table with image_id, lesion_id (None when unknown), label, dx, age, sex, localization; form name).
+    Returns (table with image_id, lesion_id (None when unknown), label, dx, dx_type, age, sex, localization; form
+    name). Metadata a file lacks is empty ("" or NaN age); the final report's subgroups say so rather than guess.
     """
     path = Path(path)
-    expected = ("expected HAM10000 metadata columns image_id, dx (optionally lesion_id, age, sex, localization) or "
-                f"ISIC 2018 Task 3 ground-truth columns image, {', '.join(ISIC_COLUMNS)}")
+    expected = ("expected HAM10000 metadata columns image_id, dx (optionally lesion_id, dx_type, age, sex, "
+                f"localization) or ISIC 2018 Task 3 ground-truth columns image, {', '.join(ISIC_COLUMNS)}")
     if not path.is_file():
         raise HamtuneError(f"{path}: labels file not found; {expected}")
     raw = read_csv_strings(path, expected)
@@ -34,13 +35,13 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
             table["lesion_id"] = lesion.mask(lesion == "", None)
         else:
             table["lesion_id"] = None
-        for column in ("age", "sex", "localization"):
+        for column in ("dx_type", "age", "sex", "localization"):
             table[column] = raw[column] if column in raw.columns else ("" if column != "age" else np.nan)
     elif "image" in raw.columns and set(ISIC_COLUMNS) <= set(raw.columns):
         form = "ISIC 2018 Task 3 ground truth"
         table = read_ground_truth(path)  # the one reader of this form, shared with the ISIC 2018 data source
         table["lesion_id"] = None
-        table["age"], table["sex"], table["localization"] = np.nan, "", ""
+        table["dx_type"], table["age"], table["sex"], table["localization"] = "", np.nan, "", ""
     else:
         raise HamtuneError(f"{path}: unknown label format (columns: {', '.join(raw.columns) or 'none'}); {expected}")
     if table.empty:

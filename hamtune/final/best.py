@@ -35,4 +35,10 @@ def best(name: str | None, *, results_dir: Path = res.RESULTS_DIR, top: int = 1,
         from hamtune.final.retrain import retrain as retrain_choices
 
         echo("")
-        retrain_choices(choices, epochs=epochs, seeds=seeds, tta=tta, calibration=calibration, echo=echo)
+        outcome = retrain_choices(choices, epochs=epochs, seeds=seeds, tta=tta, calibration=calibration, echo=echo)
+        uri = choices[0].record.get("mlflow")
+        if uri:  # the search logged its trials to MLflow: the final model joins them there
+            from hamtune.final.tracking import log_final_model
+
+            run_id = log_final_model(uri, exp_dir.name, outcome.metrics, outcome.files)
+            echo(f"logged the final model to MLflow ({uri}, experiment {exp_dir.name}, run {run_id})")

@@ -21,6 +21,7 @@ from hamtune.data.images import decode_files, find_images
 from hamtune.data.isic2018 import official_weights, write_submission
 from hamtune.data.labels import read_labels
 from hamtune.errors import HamtuneError
+from hamtune.final.audit import audit
 from hamtune.final.modelfile import load_model
 from hamtune.io import atomic_write_json, write_csv
 from hamtune.reports.evaluation import PROB_PREFIX, write_external_evaluation
@@ -49,12 +50,13 @@ def evaluate_external(model_path: Path, images_dir: Path | None, labels_path: Pa
         images_dir, labels_path = official_test_set()
     elif not (images_dir and labels_path):
         raise HamtuneError("evaluate needs --images DIR and --labels CSV, or --isic2018-test")
+    out_dir = Path(out_dir or Path(model_path).parent / f"eval-{Path(images_dir).resolve().name}")
+    _check_out(out_dir, folder=True)  # before minutes of decoding and scoring, not after
     device = resolve_device("auto")
     loaded = load_model(model_path, device=device)
     labels, form = read_labels(labels_path)
     if not Path(images_dir).is_dir():
         raise HamtuneError(f"{images_dir}: images folder not found")
-    out_dir = out_dir or Path(model_path).parent / f"eval-{Path(images_dir).resolve().name}"
 
     files: dict[str, Path] = {}
     duplicates = 0
@@ -115,6 +117,14 @@ def evaluate_external(model_path: Path, images_dir: Path | None, labels_path: Pa
         else "not used by the model",
     }
     metrics["model_name"], metrics["trained_on"] = loaded.info.get("model"), loaded.fingerprint
+    # The audit: subgroups where the labels carry sex, age, body site or dx_type; melanoma operating points; card.
+    lesions = rows["lesion_id"].nunique() if has_lesions else None
+    metrics |= audit(rows, y_true, probs, metrics, weights=weights, external=True, source=str(images_dir),
+                     splits={"evaluated": {"images": len(rows), "lesions": lesions}},
+                     model={"architecture": loaded.info.get("model"), "networks": len(loaded.members),
+                            "image_size": loaded.image_size, "uses_metadata": loaded.use_meta,
+                            "calibration": "temperature and class biases" if loaded.calibrated else "none",
+                            "trained_on_data": loaded.fingerprint, "test_time_augmentation": tta})
     written = write_external_evaluation(
         out_dir, metrics, image_ids=rows["image_id"], lesion_ids=rows["lesion_id"] if has_lesions else None,
         y_true=y_true, probs=probs, weights=weights, submitted=len(all_rows), also_written=[*listed, submission])
@@ -158,12 +168,28 @@ def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo
     return table
 
 
+def _check_out(path: Path, *, folder: bool) -> None:
+    """Refuse, in one line, an --out that cannot be written: a file where the report folder should go, a folder where
+    the predictions file should go, or a file in the way of a folder above it."""
+    if folder and path.exists() and not path.is_dir():
+        raise HamtuneError(f"--out {path}: is a file; expected a folder for the report (new or existing)")
+    if not folder and path.is_dir():
+        raise HamtuneError(f"--out {path}: is a folder; expected a file name ending in .csv or .json")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HamtuneError(f"--out {path}: {parent} is a file, so nothing can be written under it")
+            break
+
+
 def predict_to(model_path: Path, inputs: Sequence[Path], out: Path | None, *, tta: bool = False, echo: Echo = print,
                warn: Echo = print) -> pd.DataFrame:
     """`hamtune predict`: the predictions printed as a table (echo), or written to `out` (.csv or .json); notes on
     skipped images and the decision rule go to `warn`."""
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
-        raise HamtuneError(f"--out {out}: expected a file name ending in .csv or .json")
+    if out is not None:
+        _check_out(Path(out), folder=False)
+        if out.suffix.lower() not in (".csv", ".json"):
+            raise HamtuneError(f"--out {out}: expected a file name ending in .csv or .json")
     table = predict(model_path, inputs, tta=tta, echo=warn)
     if out is None:
         shown = table.drop(columns=["path"])

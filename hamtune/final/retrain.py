@@ -9,6 +9,8 @@ whatever its score.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +22,13 @@ import pandas as pd
 from hamtune.data.arrays import SplitArrays
 from hamtune.data.cache import prepare_spec_data
 from hamtune.errors import HamtuneError
+from hamtune.final.audit import audit
 from hamtune.final.calibration import (
     CALIBRATION_FRACTION, apply_calibration, argmax_preserving_weights, calibration_holdout, calibration_summary,
     fit_calibration, fit_temperature,
 )
 from hamtune.final.modelfile import ensemble_record, member_record, save_record
-from hamtune.io import atomic_write_bytes
+from hamtune.io import atomic_write_bytes, now_iso, remove_abandoned_temps, replace_folder, temp_sibling
 from hamtune.reports.final import write_final_report
 from hamtune.search import tables as res
 from hamtune.search.choose import BestChoice
@@ -35,6 +38,7 @@ from hamtune.training.metrics import ECE_BINS, HEADLINE_METRICS, bootstrap_diffe
 from hamtune.vocab import CLASSES
 
 BEST_DIR = "best"
+COMPLETE = ".complete"  # written last into the finished folder: a best/ without it is not a retrain's output
 Echo = Callable[[str], None]
 
 
@@ -253,6 +257,17 @@ def retrain(choices: BestChoice | Sequence[BestChoice], *, epochs: int | None = 
             s = metrics["across_seeds"][k]
             echo(f"across seeds {' '.join(map(str, seeds))}: {k} {s['mean']:.4f} ± {s['std']:.4f}")
     metrics["config"] = first["config"].to_dict()
+    metrics |= audit(data.table.iloc[test.index], test.labels, saved["probs"], metrics, weights=saved["weights"],
+                     splits=split, source=str(choice.record["spec"].get("data", {}).get("source", "unknown")),
+                     model={"architecture": first["config"].model, "networks": len(saved["members"]),
+                            "image_size": data.image_size, "uses_metadata": first["config"].use_meta,
+                            "calibration": "temperature and class biases" if held is not None else "none",
+                            "test_time_augmentation": tta})
+    mel = metrics["melanoma_operating_points"]
+    if mel["available"]:
+        at = ", ".join(f"{p['sensitivity']:.2f} at {p['target_specificity']:.0%}" for p in mel["operating_points"])
+        echo(f"melanoma versus rest: ROC AUC {mel['roc_auc']:.4f}; sensitivity {at} specificity (thresholds chosen "
+             "on the test split itself)")
 
     files = _write_outputs(out_dir, choices, data, train, held, test, saved, runs, metrics)
     echo(f"wrote {out_dir}/: {', '.join(p.name for p in files)}")
@@ -272,9 +287,29 @@ def check_no_calibration_leak(table: pd.DataFrame, train_index: np.ndarray, held
 
 def _write_outputs(out_dir: Path, choices: list[BestChoice], data, train, held, test, saved: dict,
                    runs: list, metrics: dict) -> list[Path]:
+    """The whole output folder, built beside out_dir and swapped in at the end (hamtune.io.replace_folder): a retrain
+    killed while writing leaves the previous folder whole, never new weights beside an old report. Returns the files'
+    paths in out_dir."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temps(out_dir)  # the half-written folders of killed retrains
+    tmp = temp_sibling(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        files = _write_files(tmp, choices, data, train, held, test, saved, runs, metrics)
+        marker = {"experiment": metrics["experiment"], "trial_ids": metrics["trial_ids"], "created": now_iso(),
+                  "files": [p.name for p in files]}
+        replace_folder(tmp, out_dir, COMPLETE, json.dumps(marker, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / p.name for p in files]
+
+
+def _write_files(out_dir: Path, choices: list[BestChoice], data, train, held, test, saved: dict,
+                 runs: list, metrics: dict) -> list[Path]:
     """model.pt and probabilities.npz (what the retrain made), then the report files (hamtune.reports.final)."""
     choice = choices[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
     members = [member_record(m["model"], config=m["config"].to_dict(),
                              extra={"trial_id": m["trial_id"], "seed": m["seed"], "epochs": m["epochs"]})
                for m in saved["members"]]

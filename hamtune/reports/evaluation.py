@@ -1,4 +1,5 @@
-"""The files of an evaluation report: predictions and per-class tables, metrics.json, the two pictures, report.md.
+"""The files of an evaluation report: predictions and per-class tables, metrics.json, the confusion matrix, report.md
+(with the audit's sections and ROC figure, hamtune.reports.audit, when the metrics carry them).
 
 hamtune.final.retrain and hamtune.final.inference compute; this module only writes what it is given, every file
 through hamtune.io (atomically), so a report folder never holds half a file.
@@ -6,7 +7,6 @@ through hamtune.io (atomically), so a report folder never holds half a file.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hamtune.io import atomic_write_bytes, atomic_write_json, save_figure, write_csv
+from hamtune.reports.audit import audit_sections, format_value, write_audit_figures
 from hamtune.reports.plots import figure
 from hamtune.training.metrics import classification_report_table, decide
 from hamtune.vocab import CLASSES, DIAGNOSES
@@ -101,14 +102,6 @@ def plot_training_curve(path: Path, histories: Mapping[Any, Sequence[Mapping[str
 # report.md
 
 
-def format_value(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     """The headline metrics as a table: value (with CI) and, with several seeds, mean ± std across seeds."""
     across = metrics.get("across_seeds") or {}
@@ -172,7 +165,8 @@ def write_external_evaluation(out_dir: Path, metrics: Mapping[str, Any], *, imag
     report.md that says what was scored and how; also_written are the evaluation's own files (lists, submission)."""
     predictions = predictions_table(image_ids, lesion_ids, y_true, probs, weights=weights)
     table = classification_report_table(y_true, probs, weights=weights)
-    written = write_evaluation(out_dir, predictions, metrics, table) + list(also_written)
+    written = write_evaluation(out_dir, predictions, metrics, table) + write_audit_figures(out_dir, metrics)
+    written += list(also_written)
     zero_weight = metrics["zero_weight_images"]
     size = metrics["image_size"]
     intro = [
@@ -194,9 +188,10 @@ def write_external_evaluation(out_dir: Path, metrics: Mapping[str, Any], *, imag
     if zero_weight:
         intro.append(f"- {', '.join(zero_weight)}: zero weight, as the official scorer gives it on the ISIC 2018 "
                      "Task 3 test set, so it is left out of every metric here (it stays in `submission.csv`).")
+    before, after = audit_sections(metrics)
     written.append(write_report_md(
         out_dir / "report.md", title=f"Evaluation on {Path(metrics['images']).name}", intro=intro, metrics=metrics,
-        classification_report=table, pictures=[("Confusion matrix", "confusion_matrix.png")],
+        classification_report=table, sections=before + after, pictures=[("Confusion matrix", "confusion_matrix.png")],
         files=[p.name for p in written] + ["report.md"]))
     return written
 

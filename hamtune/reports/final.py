@@ -2,7 +2,8 @@
 
 hamtune.final.retrain computes everything and hands it over as plain data (metrics, arrays, tables); this module
 only writes: metrics.json, classification_report.csv, predictions.csv, the confusion matrix, the training curves,
-the reliability diagram, split.csv (which rows trained, calibrated and tested) and report.md.
+the reliability diagram, the melanoma ROC curve, split.csv (which rows trained, calibrated and tested) and report.md
+(with the audit: subgroups, melanoma operating points, model card).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from hamtune.io import save_figure, write_csv
+from hamtune.reports.audit import audit_sections, format_value, write_audit_figures
 from hamtune.reports.evaluation import (
-    config_markdown, format_value, plot_training_curve, predictions_table, write_evaluation, write_report_md,
+    config_markdown, plot_training_curve, predictions_table, write_evaluation, write_report_md,
 )
 from hamtune.reports.plots import figure
 from hamtune.training.metrics import HEADLINE_METRICS, classification_report_table, expected_calibration_error, reliability
@@ -39,21 +41,26 @@ def write_final_report(out_dir: Path, *, metrics: dict, searched: Sequence[str],
         files.append(plot_reliability(out_dir / "reliability.png", test_labels, raw_probs, probs,
                                       title=f"test split, temperature {cal['temperature']:.3f} + class biases"))
         pictures.append(("Reliability on the test split, before and after calibration", "reliability.png"))
+    files += write_audit_figures(out_dir, metrics)
     files.append(write_csv(out_dir / "split.csv", split_rows))
 
     ensemble = metrics["top"] > 1
-    sections = [("Configuration" + (" of the best trial" if ensemble else ""),
-                 config_markdown(metrics["config"], list(searched)))]
-    if ensemble:
-        sections.insert(0, ("Members and ensemble (test split)", members_markdown(metrics, metrics["selected_by"])))
-    if calibrated:
-        sections.insert(len(sections) - 1, ("Calibration", calibration_markdown(metrics["calibration"])))
+    audit_before, audit_after = audit_sections(metrics)
+    sections = []
     if "per_seed" in metrics:
         rows = ["| seed | " + " | ".join(HEADLINE_METRICS) + " | temperature |",
                 "|---|" + "---|" * (len(HEADLINE_METRICS) + 1)]
         rows += [f"| {r['seed']} | " + " | ".join(format_value(r[k]) for k in HEADLINE_METRICS)
                  + f" | {r['temperature']:.3f} |" for r in metrics["per_seed"]]
-        sections.insert(0, ("Seeds" + (" (the ensemble's scores)" if ensemble else ""), "\n".join(rows)))
+        sections.append(("Seeds" + (" (the ensemble's scores)" if ensemble else ""), "\n".join(rows)))
+    if ensemble:
+        sections.append(("Members and ensemble (test split)", members_markdown(metrics, metrics["selected_by"])))
+    sections += audit_before
+    if calibrated:
+        sections.append(("Calibration", calibration_markdown(metrics["calibration"])))
+    sections.append(("Configuration" + (" of the best trial" if ensemble else ""),
+                     config_markdown(metrics["config"], list(searched))))
+    sections += audit_after
     names = [p.name for p in [*written, *files]] + ["report.md"]
     files.append(write_report_md(
         out_dir / "report.md", title=f"{metrics['experiment']}: final {'ensemble' if ensemble else 'model'}",

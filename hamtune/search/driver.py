@@ -178,6 +178,7 @@ def run_search(spec: SearchSpec, *, results_dir: Path = res.RESULTS_DIR, address
     """
     exp_dir = results_dir / spec.experiment
     record_path = exp_dir / res.EXPERIMENT_FILE
+    refuse_if_busy(exp_dir)  # before any decoding or Ray: a search of this name is writing it now
     if resume:
         if not record_path.is_file():
             raise HamtuneError(f"{exp_dir}: nothing to resume (no {res.EXPERIMENT_FILE}); start it with hamtune "

@@ -8,7 +8,7 @@ undefined (recall, one-vs-rest AUC) average over the classes PRESENT in y_true r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -156,20 +156,28 @@ def bootstrap_scores(y_true: np.ndarray, y_preds: Sequence[np.ndarray], groups: 
                      num_classes: int = NUM_CLASSES) -> np.ndarray:
     """(resamples, len(y_preds)) balanced accuracies of each prediction on the same lesion (or image) resamples."""
     y_true = np.asarray(y_true, dtype=np.int64)
-    codes = np.arange(len(y_true)) if groups is None else pd.factorize(pd.Series(list(groups)))[0]
-    n_groups = int(codes.max()) + 1
     onehot = np.eye(num_classes)[y_true]
     hits = [onehot * (y_true == np.asarray(y_pred, dtype=np.int64))[:, None] for y_pred in y_preds]
-    rng = np.random.default_rng(seed)
     scores = []
-    for start in range(0, resamples, 100):
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(100, resamples - start))
-        weights = counts[:, codes].astype(np.float64)  # (B, N): how often each image is drawn
+    for weights in bootstrap_weights(len(y_true), groups, resamples=resamples, seed=seed):
         with np.errstate(invalid="ignore", divide="ignore"):
             support = weights @ onehot
             # nan for classes absent from the resample
             scores.append(np.stack([np.nanmean((weights @ h) / support, axis=1) for h in hits], axis=1))
     return np.concatenate(scores)
+
+
+def bootstrap_weights(n: int, groups: Sequence | None = None, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> Iterator[np.ndarray]:
+    """The bootstrap's draws, 100 resamples at a time: (B, n) counts of how often each of n images is drawn when whole
+    lesions (`groups`) or, without groups, single images are resampled with replacement. Every interval here, and a
+    score that needs more than a balanced accuracy (the melanoma operating points), resamples with these."""
+    codes = np.arange(n) if groups is None else pd.factorize(pd.Series(list(groups)))[0]
+    n_groups = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, 100):
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(100, resamples - start))
+        yield counts[:, codes].astype(np.float64)
 
 
 def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, groups: Sequence | None = None, *,

@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared/data/ham10000-sample"
 REPORT_FILES = ("model.pt", "metrics.json", "classification_report.csv", "predictions.csv", "confusion_matrix.png",
-                "training_curve.png", "reliability.png", "split.csv", "report.md")
+                "training_curve.png", "reliability.png", "roc_melanoma.png", "split.csv", "report.md")
 
 
 def tiny_spec(cache_dir: Path) -> dict:
@@ -73,9 +75,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def retrained(experiment) -> tuple[Path, subprocess.CompletedProcess]:
+    """`hamtune best --retrain` over what earlier runs left: an old best/ with a file the retrain does not write, and
+    the temp folder of a retrain killed (its process gone) while writing, holding a half-written metrics.json."""
+    best_dir = experiment / "tiny" / "best"
+    best_dir.mkdir()
+    (best_dir / "stale.txt").write_text("from an older retrain")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid no longer runs
+    killed = best_dir.with_name(f".tmp-best-{socket.gethostname()}-{gone.pid}")
+    killed.mkdir()
+    (killed / "metrics.json").write_text('{"balanced_accuracy": ')
     proc = run_cli("best", "tiny", "--retrain", "--results-dir", str(experiment))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return experiment / "tiny" / "best", proc
+    return best_dir, proc
 
 
 def copy_experiment(results: Path, dest: Path) -> Path:
@@ -152,6 +164,94 @@ def test_retrain_writes_the_report(retrained, experiment):
     assert f"train+val: {split['train_val']['images']} images, {split['train_val']['lesions']} lesions" in report
     assert f"test: {split['test']['images']} images, {split['test']['lesions']} lesions" in report
     assert f"{metrics['balanced_accuracy']:.4f}" in report
+
+
+def test_best_folder_is_swapped_in_whole(retrained):
+    """The retrain builds best/ beside it and renames it into place: nothing of the older folder survives, the killed
+    run's temp folder is removed (never read), and the completion marker lists exactly what the folder holds."""
+    out_dir, _ = retrained
+    assert not (out_dir / "stale.txt").exists()
+    assert [p.name for p in out_dir.parent.iterdir() if p.name.startswith(".tmp-")] == []
+    marker = json.loads((out_dir / ".complete").read_text())
+    assert sorted(marker["files"]) == sorted(p.name for p in out_dir.iterdir() if p.name != ".complete")
+    assert set(REPORT_FILES) | {"probabilities.npz"} == set(marker["files"])
+    assert marker["experiment"] == "tiny" and json.loads((out_dir / "metrics.json").read_text())["n_test"] > 0
+
+
+def hand_sensitivity_at(score: np.ndarray, positive: np.ndarray, target: float) -> float:
+    """The highest sensitivity of "mel when score >= t" over every threshold t whose specificity reaches target."""
+    best = 0.0
+    for t in [*np.unique(score), np.inf]:
+        if (score[~positive] < t).mean() >= target - 1e-12:
+            best = max(best, (score[positive] >= t).mean())
+    return best
+
+
+def test_retrain_report_audits_subgroups_melanoma_and_the_model_card(retrained, experiment):
+    """Every sex, age band and body site with >= 10 test lesions gets a balanced accuracy with its interval (as
+    sklearn scores the predictions of that subgroup), smaller ones are listed as too few; the melanoma operating
+    points are those of the calibrated P(mel) in predictions.csv; report.md and metrics.json say the same."""
+    from hamtune.data import SplitSpec, prepare
+
+    out_dir, proc = retrained
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    report = (out_dir / "report.md").read_text()
+    assert {"subgroups", "melanoma_operating_points", "model_card"} <= set(metrics)
+    for heading in ("## Subgroups", "### By sex", "### By age band", "### By body site",
+                    "### By diagnosis confirmation", "## Melanoma versus rest", "## Model card"):
+        assert heading in report, heading
+    with Image.open(out_dir / "roc_melanoma.png") as image:
+        assert image.format == "PNG" and image.width > 300
+    assert "![ROC curve, melanoma versus rest](roc_melanoma.png)" in report
+
+    d = res.read_experiment(experiment / "tiny")["spec"]["data"]
+    data = prepare("synthetic", d["image_size"], cache_dir=Path(d["cache_dir"]), progress=False,
+                   split=SplitSpec(d["val"], d["test"], d["split_seed"]), synthetic_size=d["synthetic_size"])
+    meta = data.table.set_index("image_id")
+    pred = pd.read_csv(out_dir / "predictions.csv")
+    rows = meta.loc[pred["image_id"]].reset_index()
+    bands = pd.cut(rows["age"], [0, 30, 50, 70, 200], right=False, labels=["<30", "30-49", "50-69", "70+"])
+    groups_of = {"sex": rows["sex"], "age": bands.astype(object).fillna("unknown"), "localization": rows["localization"],
+                 "dx_type": rows["dx_type"]}
+    scored = 0
+    for attribute, values in groups_of.items():
+        got = {g["group"]: g for g in metrics["subgroups"]["attributes"][attribute]["groups"]}
+        assert set(got) == set(values)  # every subgroup listed, the small ones too
+        for group, g in got.items():
+            mask = (values == group).to_numpy()
+            lesions = rows.loc[mask, "lesion_id"].nunique()
+            assert (g["images"], g["lesions"], g["enough_lesions"]) == (mask.sum(), lesions, lesions >= 10)
+            if lesions < 10:
+                assert g["balanced_accuracy"] is None and f"| {group} | {g['images']} | {lesions} |" in report
+                assert f"too few lesions to say anything ({lesions} < 10 lesions)" in report
+                continue
+            scored += attribute != "dx_type"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sklearn warns when a subgroup lacks a predicted diagnosis
+                expected = balanced_accuracy_score(pred.loc[mask, "true_dx"], pred.loc[mask, "predicted_dx"])
+            lo, hi = g["balanced_accuracy_ci95"]
+            assert g["balanced_accuracy"] == pytest.approx(expected) and 0 <= lo <= hi <= 1
+            assert f"| {group} | {g['images']} | {lesions} |" in report
+            assert f"{g['balanced_accuracy']:.4f} ({lo:.4f}–{hi:.4f})" in report
+    assert scored >= 3  # the tiny test split still has subgroups big enough to score
+
+    mel = metrics["melanoma_operating_points"]
+    score, positive = pred["prob_mel"].to_numpy(), (pred["true_dx"] == "mel").to_numpy()
+    assert mel["available"] and mel["positives"]["images"] == positive.sum() > 0
+    assert mel["roc_auc"] == pytest.approx(roc_auc_score(positive, score))
+    for point in mel["operating_points"]:
+        assert point["sensitivity"] == pytest.approx(hand_sensitivity_at(score, positive, point["target_specificity"]),
+                                                     abs=1e-6)
+        lo, hi = point["sensitivity_ci95"]
+        assert 0 <= lo <= hi <= 1 and f"| {point['target_specificity']:.0%} | {point['sensitivity']:.4f}" in report
+    assert "melanoma versus rest: ROC AUC" in proc.stdout
+
+    card = metrics["model_card"]
+    assert card["data"]["source"] == "synthetic" and card["data"]["splits"]["test"] == metrics["split"]["test"]
+    assert card["model"]["architecture"] == "resnet10t" and card["metrics"]["headline"]["balanced_accuracy"] == \
+        metrics["balanced_accuracy"]
+    assert "not for diagnosis" in report and "Fitzpatrick" in report and "Synthetic data" in report
+    assert f"test: {metrics['split']['test']['images']} images, {metrics['split']['test']['lesions']} lesions" in report
 
 
 def test_metrics_equal_sklearn_on_the_predictions(retrained):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from PIL import Image
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from hamtune.data.labels import read_labels
 from hamtune.training.metrics import bootstrap_balanced_accuracy
@@ -38,6 +42,91 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """The real command line in its own process: exit code and stderr as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "hamtune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, check=False)
+
+
+@pytest.fixture(scope="module")
+def labelled_synthetic(tmp_path_factory) -> Path:
+    """150 small synthetic images and their HAM10000 metadata (lesion_id, dx_type, age, sex, localization)."""
+    from hamtune.data.synthetic import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("labelled"), n_images=150, seed=3, image_size=(24, 18),
+                              workers=1)
+
+
+def test_evaluate_labels_with_metadata_writes_the_audit(model_file, labelled_synthetic, tmp_path, capsys):
+    """Labels that carry the patient data get the subgroup tables, the melanoma operating points with
+    roc_melanoma.png and the model card, in report.md and metrics.json alike, scored on the predictions written."""
+    labels = labelled_synthetic / "HAM10000_metadata.csv"
+    code, _, err = run(capsys, "evaluate", "--model", model_file, "--images", labelled_synthetic, "--labels", labels,
+                       "--out", tmp_path / "eval")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert {"subgroups", "melanoma_operating_points", "model_card"} <= set(metrics)
+    for heading in ("## Subgroups", "### By sex", "### By age band", "### By body site",
+                    "### By diagnosis confirmation", "## Melanoma versus rest", "## Model card"):
+        assert heading in report, heading
+    with Image.open(tmp_path / "eval" / "roc_melanoma.png") as image:
+        assert image.format == "PNG" and image.width > 300
+
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    meta = pd.read_csv(labels).set_index("image_id").loc[pred["image_id"]].reset_index()
+    assert metrics["subgroups"]["unit"] == "lesion"
+    for attribute in ("sex", "localization", "dx_type"):
+        got = {g["group"]: g for g in metrics["subgroups"]["attributes"][attribute]["groups"]}
+        assert set(got) == set(meta[attribute].fillna("unknown"))
+        for group, g in got.items():
+            mask = (meta[attribute].fillna("unknown") == group).to_numpy()
+            lesions = meta.loc[mask, "lesion_id"].nunique()
+            assert (g["images"], g["lesions"]) == (mask.sum(), lesions)
+            if lesions >= 10:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a subgroup without some predicted diagnosis
+                    expected = balanced_accuracy_score(pred.loc[mask, "true_dx"], pred.loc[mask, "predicted_dx"])
+                lo, hi = g["balanced_accuracy_ci95"]
+                assert g["balanced_accuracy"] == pytest.approx(expected)
+                assert f"| {group} | {g['images']} | {lesions} | " in report and f"({lo:.4f}–{hi:.4f})" in report
+            else:
+                assert g["balanced_accuracy"] is None and f"({lesions} < 10 lesions)" in report
+    mel = metrics["melanoma_operating_points"]
+    positive = (pred["true_dx"] == "mel").to_numpy()
+    assert mel["roc_auc"] == pytest.approx(roc_auc_score(positive, pred["prob_mel"]))
+    assert [p["target_specificity"] for p in mel["operating_points"]] == [0.8, 0.9, 0.95]
+    card = metrics["model_card"]
+    assert card["data"]["splits"] == {"evaluated": {"images": 150, "lesions": meta["lesion_id"].nunique()}}
+    assert "not for diagnosis" in report and "Fitzpatrick" in report and "overlaps the model's training" in report
+
+
+def test_out_paths_of_the_wrong_kind_end_in_one_line_and_exit_2(model_file, labelled_synthetic, tmp_path, capsys):
+    """evaluate --out naming a file, predict --out naming a folder: one line naming the path and what was expected,
+    exit code 2, no traceback, and nothing written over what stands there."""
+    report_file = tmp_path / "report.txt"
+    report_file.write_text("not a folder")
+    proc = run_cli("evaluate", "--model", model_file, "--images", labelled_synthetic, "--labels",
+                   labelled_synthetic / "HAM10000_metadata.csv", "--out", report_file)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    [line] = proc.stderr.strip().splitlines()
+    assert str(report_file) in line and "is a file; expected a folder" in line
+    assert report_file.read_text() == "not a folder"
+
+    folder = tmp_path / "pred.csv"
+    folder.mkdir()
+    image = next(labelled_synthetic.rglob("*.jpg"))
+    proc = run_cli("predict", "--model", model_file, image, "--out", folder)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    [line] = proc.stderr.strip().splitlines()
+    assert str(folder) in line and "is a folder; expected a file name ending in .csv or .json" in line
+    assert folder.is_dir() and not any(folder.iterdir())
+
+    # a file standing where a folder above --out should be: the same one line (in-process, no new interpreter)
+    code, _, err = run(capsys, "predict", "--model", model_file, image, "--out", report_file / "pred.csv")
+    assert code == 2 and f"{report_file} is a file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_model_file_is_plain_data_and_rebuilds_the_same_network(model_file):

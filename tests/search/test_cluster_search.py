@@ -82,7 +82,7 @@ def cluster():
             c.wait_for_nodes()
             yield SimpleNamespace(address=c.address, env=dict(os.environ),
                                   node_ids={c.head_node.node_id, worker.node_id}, head_id=c.head_node.node_id,
-                                  worker_id=worker.node_id, node_caches=caches)
+                                  worker_id=worker.node_id, node_caches=caches, ray_cluster=c, worker=worker)
         finally:
             ray.shutdown()
             c.shutdown()
@@ -234,3 +234,58 @@ def test_pretrained_trials_get_their_weights_through_the_object_store(cluster, t
     for node_env in cluster.node_caches.values():  # no node ever held the weights
         assert not Path(node_env["HAMTUNE_WEIGHTS_DIR"]).exists()
         assert not list(Path(node_env["HF_HOME"]).rglob("*.safetensors"))
+
+
+def test_trials_on_a_lost_node_continue_on_the_head_from_their_checkpoints(cluster, tmp_path):
+    """A spot reclaim: the worker node's raylet is killed while a trial runs there. Tune retries the trial
+    (search.max_failures) from its last checkpoint on the head, and the search ends with every trial completed and
+    no epoch run twice. (Last in this module: the cluster has one node left afterwards.)"""
+    import threading
+    import time
+
+    import ray
+
+    from hamtune.search.driver import run_search
+    from hamtune.search.spec import spec_from_dict
+
+    raw = tiny_spec(tmp_path / "cache", experiment="node-loss")
+    raw["train"]["epochs"] = 5
+    raw["search"].update(num_samples=2, searcher="random", scheduler="fifo", max_failures=2)
+    storage = tmp_path / "shared-storage"
+    lost: dict = {}
+
+    def kill_the_worker_node_mid_trial() -> None:
+        """Once a trial on the worker node has checkpointed an epoch (its report is in Tune's result.json) and is
+        still short of the last, remove that node as a cloud provider would."""
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not lost:
+            try:
+                nodes = {a["Pid"]: a["Address"]["NodeID"] for a in ray._private.state.actors().values()}
+                for r in tune_results(storage, "node-loss"):
+                    if nodes.get(r["pid"]) == cluster.worker_id and 1 <= r["epoch"] < 4:
+                        lost.update(trial_id=r["trial_id"], epoch=int(r["epoch"]))
+                        cluster.ray_cluster.remove_node(cluster.worker)
+                        return
+            except Exception:  # Ray's state API between its own updates, a result.json line being written
+                pass
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_worker_node_mid_trial, daemon=True)
+    killer.start()
+    outcome = run_search(spec_from_dict(raw), results_dir=tmp_path / "results", address=cluster.address,
+                         storage_path=str(storage), verbose=0)
+    killer.join(timeout=60)
+    head_actors = {a["Pid"] for a in ray._private.state.actors().values()
+                   if a["Address"]["NodeID"] == cluster.head_id}
+    ray.shutdown()
+    assert lost, "no trial ran on the worker node long enough to lose it"
+    trials, history = outcome.trials, res.load_tables(tmp_path / "results" / "node-loss")[1]
+    assert outcome.state == "finished" and set(trials["status"]) == {"completed"}, trials[["status", "message"]]
+    mine = history[history["trial_id"] == lost["trial_id"]]
+    assert list(mine["epoch"]) == [1, 2, 3, 4, 5]
+    reports = [r for r in tune_results(storage, "node-loss") if r["trial_id"] == lost["trial_id"]]
+    reported = [int(r["epoch"]) for r in reports]
+    # resumed from its checkpoint, not restarted: the epochs it had checkpointed before the loss ran once
+    assert all(reported.count(e) == 1 for e in range(1, lost["epoch"] + 1)), reported
+    later = [r for r in reports if r["epoch"] > lost["epoch"] + 1]
+    assert later and all(r["pid"] in head_actors for r in later)  # the rest ran on the head

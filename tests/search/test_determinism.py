@@ -3,8 +3,11 @@ give the same trials on a quiet and on a loaded machine, and `hamtune results` s
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -71,6 +74,45 @@ def test_the_same_seed_gives_the_same_trials_under_load(two_runs):
     quiet, loaded = (in_order(outcomes[name].trials) for name in ("quiet", "loaded"))
     assert (quiet["status"] == "stopped").any(), "ASHA stopped nothing: the decisions were never tested"
     pd.testing.assert_frame_equal(quiet, loaded, check_exact=False, rtol=1e-4)
+
+
+def test_a_search_killed_and_resumed_makes_the_same_trials_and_decisions(two_runs):
+    """kill -9 of the driver (and its Ray) mid-search, then --resume: the same trials, stopped at the same rungs,
+    as the uninterrupted run; the scheduler's rungs and the searcher's waves come back from the tables and Tune."""
+    import yaml
+
+    from hamtune.search import tables as res
+
+    tmp, outcomes = two_runs
+    raw = tiny_spec(tmp / "cache", "resumed")
+    path = tmp / "resumed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "hamtune.cli", "search", "--results-dir", str(tmp / "results")]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([*cmd, "--space", str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exp = tmp / "results" / "resumed"
+    killed_after = None
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (exp / "trials.parquet").is_file():
+                t = pd.read_parquet(exp / "trials.parquet")
+                ended = t[t["status"].isin(["completed", "stopped"])]
+                if len(ended) >= 3:  # past the first rung decisions, before the last wave
+                    killed_after = len(ended)
+                    break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert killed_after is not None and killed_after < 7, "the search ended before it could be killed"
+    resumed = subprocess.run([*cmd, "--resume", "resumed"], env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials, _ = res.load_tables(exp)
+    pd.testing.assert_frame_equal(in_order(outcomes["quiet"].trials), in_order(trials), check_exact=False,
+                                  rtol=1e-4)
 
 
 def test_results_say_how_far_each_choice_got(two_runs):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -79,19 +78,25 @@ def test_workers_the_memory_monitor_keeps_killing_end_the_search_in_one_line(tmp
 
 
 def test_a_second_search_of_the_same_name_is_refused_while_the_first_runs(tmp_path):
-    spec = spec_file(tmp_path, "twin", num_samples=4)
-    first = search(tmp_path, spec, "--name", "twin")
-    record = tmp_path / "results" / "twin" / res.EXPERIMENT_FILE
-    deadline = time.monotonic() + 300
-    while not record.is_file() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.5)
-    assert record.is_file(), "the first search never wrote its record"
-    code, out, err = finish(search(tmp_path, spec, "--name", "twin"))
-    assert code == 2, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "another search is writing experiment 'twin'" in lines[0], err[-3000:]
-    assert f"pid {first.pid}" in lines[0]
-    code, _, err = finish(first)
-    assert code == 0, err[-3000:]
-    trials, _ = res.load_tables(tmp_path / "results" / "twin")
-    assert len(trials) == 4 and set(trials["status"]) == {"completed"}
+    """The first search is this test process holding the experiment's lock, as a running search does (the same
+    lock, hamtune.search.lock); a second one, as a new search and as a resume, is refused in one line naming it."""
+    from hamtune.search.lock import experiment_lock
+
+    spec = spec_file(tmp_path, "twin")
+    exp = tmp_path / "results" / "twin"
+    with experiment_lock(exp):
+        (exp / res.EXPERIMENT_FILE).write_text('{"name": "twin", "state": "running", "spec": {}}')
+        for extra in (("--name", "twin"), ()):
+            code, out, err = finish(search(tmp_path, spec, *extra), timeout=120)
+            assert code == 2, err[-3000:]
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert len(lines) == 1 and "another search is writing experiment 'twin'" in lines[0], err[-3000:]
+            assert f"pid {os.getpid()}" in lines[0] and "Traceback" not in err
+        resumed = subprocess.run([sys.executable, "-m", "hamtune.cli", "search", "--resume", "twin", "--results-dir",
+                                  str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 2 and "another search is writing experiment 'twin'" in resumed.stderr
+    assert not (exp / "tune").exists()  # refused before anything ran
+    # once the holder has gone, the lock is free (flock dies with its holder however it ends)
+    from hamtune.search.lock import busy
+
+    assert busy(exp) is None

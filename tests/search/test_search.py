@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -68,7 +69,8 @@ def finished_search(tmp_path_factory, ray_local, crash_marker):
     from hamtune.search.spec import spec_from_dict
 
     tmp = tmp_path_factory.mktemp("search")
-    spec = spec_from_dict(tiny_spec(tmp, tmp / "cache"), source="tiny.yaml")
+    spec = spec_from_dict(tiny_spec(tmp, tmp / "cache", **{"search.mlflow": f"file:{tmp / 'mlruns'}"}),
+                          source="tiny.yaml")
     outcome = run_search(spec, results_dir=tmp / "results", verbose=0)
     return tmp, spec, outcome, crash_marker
 
@@ -177,10 +179,6 @@ def test_non_finite_trial_ends_alone(tmp_path, ray_local):
 
 
 def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     spec = tiny_spec(tmp_path, tmp_path / "cache", **{"search.num_samples": 6, "experiment": "killed"})
     spec_path = write_spec(tmp_path, spec)
     cmd = [sys.executable, "-m", "hamtune.cli", "search", "--results-dir", str(tmp_path / "results")]
@@ -197,6 +195,10 @@ def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
                 done = t[t["status"].isin(["completed", "stopped"])]
                 if len(done) >= 2:
                     before = t
+                    # a second process reads the study while the search writes it
+                    live = load_journal_study(exp, "killed")
+                    finished_live = [x for x in live.trials if x.state.is_finished()]
+                    assert proc.poll() is None and len(finished_live) >= 2
                     # Tune snapshots its experiment state at least every TUNE_GLOBAL_CHECKPOINT_S=5 s: trials
                     # that ended 6 s before the kill are on record; later ones may legitimately run again.
                     time.sleep(6)
@@ -217,7 +219,7 @@ def test_kill_9_driver_then_resume_keeps_finished_trials(tmp_path):
     assert res.read_experiment(exp)["state"] == "finished"
     assert len(after) == 6 and set(after["status"]) <= {"completed", "stopped"}, after.get("message")
     # the Optuna study (journal) continued too: six trials, none left running, the same per-epoch values
-    study = optuna.load_study(study_name="killed", storage=JournalStorage(JournalFileBackend(str(exp / "optuna.journal"))))
+    study = load_journal_study(exp, "killed")
     assert len(study.trials) == 6 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     by_params = {round(t.params["lr"], 12): t for t in study.trials}
     for row in after.itertuples():
@@ -265,18 +267,70 @@ def test_a_trial_no_node_can_hold_is_refused_before_it_runs(tmp_path, ray_local)
     assert not (tmp_path / "results" / "tiny").exists()
 
 
-def test_asha_stopped_trials_are_pruned_in_optuna(finished_search):
-    from ray.tune.search.optuna import OptunaSearch
+def load_journal_study(exp: Path, name: str):
+    """The study as any other process reads it: Optuna's own loader on the experiment's journal file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(exp / "optuna.journal"))))
+
+
+def test_the_optuna_study_is_stored_with_pruned_trials_and_their_epochs(finished_search):
+    tmp, *_ = finished_search
+    exp = tmp / "results" / "tiny"
+    trials, history = res.load_tables(exp)
+    assert res.read_experiment(exp)["optuna_storage"] == str((exp / "optuna.journal").resolve())
+    study = load_journal_study(exp, "tiny")
+    assert len(study.trials) == len(trials)
+    by_lr = {round(t.params["lr"], 12): t for t in study.trials}
+    for row in trials.itertuples():
+        got = by_lr[round(trials.loc[row.Index, "config.lr"], 12)]
+        curve = history[history["trial_id"] == row.trial_id].sort_values("epoch")
+        assert got.state.name == {"stopped": "PRUNED", "completed": "COMPLETE"}[row.status]
+        # every epoch, the one ASHA stopped a trial on included, at its epoch number
+        assert list(got.intermediate_values) == list(curve["epoch"])
+        assert list(got.intermediate_values.values()) == pytest.approx(list(curve["val_balanced_accuracy"]))
+        if row.status == "completed":
+            assert got.value == pytest.approx(curve["val_balanced_accuracy"].iloc[-1])
+    assert (trials["status"] == "stopped").any() and (trials["status"] == "completed").any()
+
+
+def test_hamtune_dashboard_serves_the_study(finished_search):
+    """optuna-dashboard's own HTTP API, served by `hamtune dashboard`, lists the study and its trials."""
+    import json
+    import socket
+    import urllib.request
 
     tmp, *_ = finished_search
     trials, _ = res.load_tables(tmp / "results" / "tiny")
-    state_file = sorted((tmp / "results" / "tiny" / "tune").glob("searcher-state-*.pkl"))[-1]
-    searcher = OptunaSearch()
-    searcher.restore(str(state_file))  # the searcher state Tune saved, as a resume would load it
-    states = sorted(t.state.name for t in searcher._ot_study.trials)
-    expected = sorted(["PRUNED"] * int((trials["status"] == "stopped").sum())
-                      + ["COMPLETE"] * int((trials["status"] == "completed").sum()))
-    assert states == expected
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "hamtune.cli", "dashboard", "tiny", "--port", str(port),
+                               "--results-dir", str(tmp / "results")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        studies = None
+        for _ in range(150):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    studies = json.load(answer)["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[1][-2000:]
+                time.sleep(0.2)
+        assert studies is not None and [s["study_name"] for s in studies] == ["tiny"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}",
+                                    timeout=30) as answer:
+            detail = json.load(answer)
+        states = sorted(t["state"] for t in detail["trials"])
+        assert states == sorted(["Pruned"] * int((trials["status"] == "stopped").sum())
+                                + ["Complete"] * int((trials["status"] == "completed").sum()))
+        assert all(t["intermediate_values"] for t in detail["trials"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
@@ -357,6 +411,29 @@ def test_best_retrain_works_with_the_pruned_checkpoints(finished_search):
                            "--results-dir", str(tmp / "results")], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "checkpoint (best epoch of the search)" in done.stdout
+    # MLflow (search.mlflow): one run per trial from the search, and one for the final model, read back with
+    # MLflow's own client from the file: store
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{tmp / 'mlruns'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    trials, history = res.load_tables(tmp / "results" / "tiny")
+    trial_runs = [r for r in runs if r.data.tags.get("hamtune.kind") == "trial"]
+    final = [r for r in runs if r.data.tags.get("hamtune.kind") == "final model"]
+    assert len(trial_runs) == len(trials) and len(final) == 1
+    by_id = trials.set_index("trial_id")
+    assert {r.data.tags["trial_name"].rsplit("_", 1)[-1] for r in trial_runs} == set(trials["trial_id"])
+    for run in trial_runs:
+        trial_id = run.data.tags["trial_name"].rsplit("_", 1)[-1]  # Tune names the run <trainable>_<trial id>
+        curve = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        want = history[history["trial_id"] == trial_id].sort_values("epoch")["val_balanced_accuracy"]
+        assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(list(want))
+        assert float(run.data.params["lr"]) == pytest.approx(by_id.loc[trial_id, "config.lr"])
+    metrics = json.loads((tmp / "results" / "tiny" / "best" / "metrics.json").read_text())
+    assert final[0].data.metrics["test_balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    assert {"report.md", "metrics.json"} <= {a.path for a in client.list_artifacts(final[0].info.run_id)}
 
 
 def test_trials_train_from_the_weights_the_driver_read_once(tmp_path, ray_local, monkeypatch):
