@@ -2,12 +2,14 @@
 
 A reader (a person, `hamtune results`, a resumed search) never sees half a file, and a crash mid-write leaves the
 previous version in place. One JSON converter (json_ready) serves every JSON file, so numpy scalars, paths and NaN
-are written the same way everywhere.
+are written the same way everywhere. A write that the disk refuses (full, over quota, read-only, not permitted) removes
+its temp file and ends in one HamtuneError naming the path (unwritable), never a traceback or a partial file.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import io
 import json
 import math
@@ -15,26 +17,51 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from hamtune.errors import HamtuneError
+
+# What the disk, not hamtune, refuses: said in one line with the path instead of a traceback.
+_REFUSALS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+}
+
+
+def unwritable(path: str | os.PathLike, exc: OSError) -> BaseException:
+    """The one-line HamtuneError for an OSError by which the disk refused a write to `path` (full, over quota,
+    read-only, not permitted); any other OSError is returned as it is. Use: `raise unwritable(path, exc) from None`."""
+    reason = _REFUSALS.get(getattr(exc, "errno", None))
+    if reason is None:
+        return exc
+    hint = "; free some space there or choose another folder" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return HamtuneError(f"{os.fspath(path)}: cannot write: {reason}{hint}")
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
+    """Write via a temp file in the same folder, fsync, rename: readers never see half a file. A refused write
+    (unwritable) leaves neither the temp file nor a partial `path`, and the previous `path`, if any, in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise unwritable(path, exc) from None
         raise
     return path
 
@@ -115,7 +142,7 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def now_iso() -> str:
     """The one clock of every file hamtune writes: UTC, ISO 8601, to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def temp_sibling(target: Path) -> Path:

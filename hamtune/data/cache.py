@@ -6,13 +6,23 @@ memory-maps that file. The fingerprint covers the file list (names, sizes, mtime
 size and PREPROCESS_VERSION, so any change to the inputs or the decoding gives a new entry. An entry is built in a
 temporary folder and renamed into place with its manifest written last: an interrupted prepare never leaves
 something that looks complete.
+
+An entry that looks complete is still checked each time it is opened (open_entry), cheaply: the .npy header against
+the manifest (dtype, shape) and the file size against the header; the manifest's checksums of the small files (table,
+problems) and of the first and last MiB of images.npy with its size, which is where a crash, a full disk or a copy
+cut short leave their mark, without reading a GB array on every open; and the tables must read back. A damaged entry
+is rebuilt with one warning line, from `hamtune data prepare` and from `hamtune search` alike (both call prepare), and
+an unreadable split file is recomputed the same way. A disk that refuses a write ends in one HamtuneError naming the
+path (hamtune.io.unwritable), with the temp folder removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,7 +35,7 @@ import PIL
 
 from hamtune.data.arrays import SplitArrays, encode_meta
 from hamtune.data.download import downloaded_folder
-from hamtune.data.images import PREPROCESS_VERSION, decode_all
+from hamtune.data.images import PREPROCESS_VERSION, check_image_size, create_npy, decode_all
 from hamtune.data.isic2018 import check_meta_available
 from hamtune.data.sources import read_metadata, scan_source
 from hamtune.data.split import SPLITS, SplitSpec, load_or_make_split
@@ -33,9 +43,12 @@ from hamtune.data.synthetic import DEFAULT_IMAGE_SIZE, SYNTHETIC_VERSION, genera
 from hamtune.data.tables import PROBLEM_COLUMNS, TABLE_COLUMNS, SourceFiles, make_problems
 from hamtune.data.workers import cpu_count
 from hamtune.errors import HamtuneError
-from hamtune.io import now_iso, remove_abandoned_temps, replace_folder, temp_sibling
+from hamtune.io import (atomic_write_bytes, now_iso, remove_abandoned_temps, replace_folder, temp_sibling,
+                        unwritable)
 
 MANIFEST = "manifest.json"
+CHECKED_FILES = ("table.parquet", "problems.csv")  # small: hashed whole; images.npy: its ends (ends_digest)
+END_BLOCK = 1 << 20  # bytes hashed at each end of images.npy
 log = logging.getLogger("hamtune.data")
 
 
@@ -104,30 +117,120 @@ def fingerprint(files: SourceFiles, image_size: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def _is_complete(entry: Path) -> bool:
+class DamagedEntry(Exception):
+    """A cache entry that looks complete (it has its manifest) but is not what its manifest says."""
+
+
+def ends_digest(path: Path) -> str:
+    """SHA-256 of a file's size and its first and last END_BLOCK bytes: what a write cut short changes, read in
+    two blocks whatever the file's size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(str(size).encode() + b"\0" + f.read(END_BLOCK))
+        if size > END_BLOCK:
+            f.seek(max(END_BLOCK, size - END_BLOCK))
+            digest.update(f.read(END_BLOCK))
+    return digest.hexdigest()
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) from an .npy header, read without loading (or unpickling) it."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"npy format version {version}")
+        shape, fortran, dtype = read_header[version](f)
+        return shape, dtype, fortran, f.tell()
+
+
+def open_entry(entry: Path, image_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(table, problems) of a complete, intact cache entry; None when there is none (absent, or unfinished: no
+    manifest, which an interrupted prepare leaves); DamagedEntry, with a one-line reason, when it has its manifest but
+    its files do not match it. Cheap: headers, sizes, checksums of the small files and of images.npy's ends."""
     try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError):
+        text = (entry / MANIFEST).read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedEntry(f"{MANIFEST} unreadable ({exc})") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        raise DamagedEntry(f"{MANIFEST} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise DamagedEntry(f"{MANIFEST} is not a JSON object")
+    if manifest.get("preprocess_version") != PREPROCESS_VERSION:
+        return None  # another decoder's entry (its fingerprint differs; a copied folder): redone without fuss
+    n, side = manifest.get("images"), manifest.get("image_size")
+    if not isinstance(n, int) or not isinstance(side, int) or (image_size is not None and side != image_size):
+        raise DamagedEntry(f"{MANIFEST} gives images={n!r}, image_size={side!r}; expected integers"
+                           + (f", image_size {image_size}" if image_size is not None else ""))
+    images = entry / "images.npy"
+    expected = (n, side, side, 3)
+    try:
+        shape, dtype, fortran, offset = _npy_layout(images)
+        size = images.stat().st_size
+    except FileNotFoundError:
+        raise DamagedEntry("images.npy is missing") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise DamagedEntry(f"images.npy has no readable .npy header ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if shape != expected or dtype != np.uint8 or fortran:
+        raise DamagedEntry(f"images.npy holds {dtype} {shape}{' (Fortran order)' if fortran else ''}; its manifest "
+                           f"says uint8 {expected}")
+    if size != offset + math.prod(expected):
+        raise DamagedEntry(f"images.npy is {size} bytes; its header promises {offset + math.prod(expected)} "
+                           "(a write cut short)")
+    checksums = manifest.get("checksums")
+    if isinstance(checksums, dict):  # entries written before checksums existed get the checks above only
+        for name, recorded in checksums.items():
+            path = entry / name
+            try:
+                actual = ends_digest(path) if name == "images.npy" else hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                raise DamagedEntry(f"{name} is missing or unreadable") from None
+            if actual != recorded:
+                raise DamagedEntry(f"{name} does not match the checksum in its manifest (changed or cut short "
+                                   "after it was written)")
+    try:
+        table = pd.read_parquet(entry / "table.parquet")
+        problems = pd.read_csv(entry / "problems.csv", dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - pyarrow and pandas raise many types for a cut-short file
+        raise DamagedEntry(f"its tables do not read back ({type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:120]})") from None
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if len(table) != n or missing:
+        raise DamagedEntry(f"table.parquet has {len(table)} rows" + (f", lacking {', '.join(missing)}" if missing
+                                                                      else "") + f"; the manifest says {n} images")
+    return table, problems
+
+
+def _intact(entry: Path) -> bool:
+    try:
+        return open_entry(entry) is not None
+    except DamagedEntry:
         return False
-    return manifest.get("preprocess_version") == PREPROCESS_VERSION and (entry / "images.npy").is_file()
 
 
 def _commit(tmp: Path, target: Path) -> None:
     """Move a finished temp folder into place; if another process got there first, keep theirs."""
-    if target.exists() and not _is_complete(target):
-        shutil.rmtree(target, ignore_errors=True)  # a folder without manifest is an unfinished entry
+    if target.exists() and not _intact(target):
+        shutil.rmtree(target, ignore_errors=True)  # unfinished (no manifest) or damaged
     try:
         os.rename(tmp, target)
     except OSError:
-        if not _is_complete(target):
+        if not _intact(target):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drop_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 1024) -> None:
     """Copy the kept rows of an .npy into a new one, a block at a time (never both arrays in RAM)."""
-    source = np.load(src, mmap_mode="r")
-    out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(len(keep),) + source.shape[1:])
+    source = np.load(src, mmap_mode="r", allow_pickle=False)
+    create_npy(dst, (len(keep),) + source.shape[1:])
+    out = np.load(dst, mmap_mode="r+", allow_pickle=False)
     for i in range(0, len(keep), block):
         out[i:i + block] = source[keep[i:i + block]]
     out.flush()
@@ -162,8 +265,11 @@ def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame
         else:
             os.replace(raw, tmp / "images.npy")
         seconds = time.perf_counter() - started
-        table[list(TABLE_COLUMNS)].to_parquet(tmp / "table.parquet", index=False)
-        problems.to_csv(tmp / "problems.csv", index=False)
+        buf = io.BytesIO()
+        table[list(TABLE_COLUMNS)].to_parquet(buf, index=False)
+        small = {"table.parquet": buf.getvalue(), "problems.csv": problems.to_csv(index=False).encode()}
+        for name, data in small.items():
+            atomic_write_bytes(tmp / name, data)
         manifest = {
             "preprocess_version": PREPROCESS_VERSION,
             "fingerprint": target.name,
@@ -176,11 +282,17 @@ def _build_entry(files: SourceFiles, table: pd.DataFrame, problems: pd.DataFrame
             "decode_seconds": round(seconds, 3),
             "created": now_iso(),
             "versions": {"numpy": np.__version__, "pillow": PIL.__version__, "pandas": pd.__version__},
+            "checksums": {"images.npy": ends_digest(tmp / "images.npy"),
+                          **{name: hashlib.sha256(data).hexdigest() for name, data in small.items()}},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the folder complete
+        atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks it complete
         _commit(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            exc = unwritable(target, exc)
+        if isinstance(exc, HamtuneError):  # a refused write names the file where the entry wanted it, not the temp
+            raise HamtuneError(str(exc).replace(str(tmp), str(target))) from None
         raise
     return table, problems
 
@@ -203,8 +315,10 @@ def synthetic_source(cache_dir: Path, n_images: int, seed: int, workers: int | N
     try:
         generate_synthetic(tmp, n_images=n_images, seed=seed, workers=workers, progress=progress)
         replace_folder(tmp, target, ".complete", json.dumps(expected))
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise unwritable(tmp, exc) from None
         raise
     return target
 
@@ -217,12 +331,6 @@ def _problem_summary(problems: pd.DataFrame) -> str:
         f"{counts.get('unreadable_image', 0)} unreadable images",
     ]
     return ", ".join(parts)
-
-
-def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 1024:
-        raise HamtuneError(f"image size {image_size!r} is invalid; expected an integer number of pixels from 8 to 1024")
-    return int(image_size)
 
 
 def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = None, split: SplitSpec = SplitSpec(),
@@ -238,7 +346,7 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
     Rows and files that do not pair up, and files that do not decode, are skipped, warned about in one line and
     listed in problems.csv in the cache entry; with strict=True they are a HamtuneError instead.
     """
-    image_size = _check_image_size(image_size)
+    image_size = check_image_size(image_size)
     if not isinstance(split, SplitSpec):
         raise HamtuneError(f"split {split!r} is invalid; expected a SplitSpec(val, test, seed)")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -262,9 +370,14 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
     entry = cache_dir / key
 
     decoded = 0
-    if _is_complete(entry):
-        table = pd.read_parquet(entry / "table.parquet")
-        problems = pd.read_csv(entry / "problems.csv", dtype=str, keep_default_na=False)
+    try:
+        opened = open_entry(entry, image_size)
+    except DamagedEntry as damage:
+        log.warning("%s: damaged cache entry: %s; rebuilding it", entry, damage)
+        shutil.rmtree(entry, ignore_errors=True)
+        opened = None
+    if opened is not None:
+        table, problems = opened
     else:
         table, problems = read_metadata(files)
         if strict and len(problems):
@@ -283,13 +396,27 @@ def prepare(source: str | Path, image_size: int, *, cache_dir: Path | None = Non
                     entry / "problems.csv")
 
     table = table[list(TABLE_COLUMNS)].copy()
-    table["split"] = load_or_make_split(entry, table, split)
-    images = np.load(entry / "images.npy", mmap_mode="r")
+    table["split"] = _entry_split(entry, table, split)
+    images = np.load(entry / "images.npy", mmap_mode="r", allow_pickle=False)
     if len(images) != len(table):
         raise HamtuneError(f"{entry}: images.npy has {len(images)} rows but table.parquet {len(table)}; "
                            "expected equal counts (delete this cache folder)")
     return PreparedData(path=entry, fingerprint=key, image_size=image_size, images=images, table=table, split=split,
                         decoded=decoded, problems=problems)
+
+
+def _entry_split(entry: Path, table: pd.DataFrame, split: SplitSpec) -> np.ndarray:
+    """load_or_make_split, with a saved split file that does not read back (cut short, overwritten) recomputed with
+    one warning line: the split is a pure function of the table and the spec, so nothing is lost."""
+    saved = entry / split.filename
+    if saved.is_file():
+        try:
+            pd.read_parquet(saved)  # a few kB
+        except Exception as exc:  # noqa: BLE001 - pyarrow's many errors for a damaged parquet file
+            log.warning("%s: damaged split file (%s: %s); recomputing it", saved, type(exc).__name__,
+                        (str(exc).splitlines() or [""])[0][:120])
+            saved.unlink(missing_ok=True)
+    return load_or_make_split(entry, table, split)
 
 
 def prepare_spec_data(settings, *, cache_dir: Path | None = None, progress: bool = True,

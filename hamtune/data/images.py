@@ -1,17 +1,26 @@
 """Image files on disk -> uint8 arrays: finding image files, and the one decoder every path uses.
 
 The cache (training), `evaluate`, `predict` and `serve` all decode through decode_image, so a model sees at inference
-exactly the pixels it was trained on.
+exactly the pixels it was trained on. Every image is opened through open_image, which reads the header only and
+refuses, before a pixel is decoded, what hamtune will not decode: more than MAX_IMAGE_PIXELS (a 600x450 lesion photo
+is 0.27 megapixels; a PNG that declares 100000x100000 is a few hundred bytes and would decode to 30 GB), a side under
+MIN_IMAGE_SIDE (a 1x1 image upscaled to the model's size would get a diagnosis from one colour), or a format other
+than JPEG/PNG. Pillow's own DecompressionBombWarning is not shown: our limit is below it, so it would only repeat ours.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import sys
+import threading
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -19,28 +28,109 @@ from tqdm import tqdm
 
 from hamtune.data.workers import cpu_count, process_pool
 from hamtune.errors import HamtuneError
+from hamtune.io import unwritable
 
 PREPROCESS_VERSION = 1  # bump whenever decode_image's output for the same file changes
 RESAMPLE = Image.Resampling.LANCZOS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG")  # what Pillow calls them (MPO: a camera JPEG with a second frame)
+MAX_IMAGE_PIXELS = 40_000_000  # the one limit of every path (prepare, evaluate, predict, serve); below Pillow's 89 M
+MIN_IMAGE_SIDE = 8  # pixels on the shorter side; below this an image holds no lesion worth a diagnosis
+IMAGE_SIZE_RANGE = (8, 1024)  # the square side a cache entry or a model file may decode to
 _PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than decoding in this process
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings changes process-wide state: one thread at a time
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
+class ImageRefused(HamtuneError):
+    """An image refused from its header, before decoding: kind "too_large", "too_small" or "format"."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_image_size(size: object, what: str = "image size") -> int:
+    """`size` as the int side of a decoded square, or a one-line HamtuneError outside IMAGE_SIZE_RANGE."""
+    low, high = IMAGE_SIZE_RANGE
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not low <= size <= high:
+        shown = repr(size) if len(repr(size)) <= 40 else repr(size)[:40] + "..."
+        raise HamtuneError(f"{what} {shown} is invalid; expected an integer number of pixels from {low} to {high}")
+    return int(size)
+
+
+def open_image(source: str | Path | IO[bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image.open (the header only), refused with ImageRefused above max_pixels, below MIN_IMAGE_SIDE on a side or
+    in a format other than IMAGE_FORMATS, before any pixel is decoded. The caller closes the image."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as exc:  # over 2x Pillow's limit: Pillow refuses before we see the size
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            over = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else "over Pillow's decompression-bomb limit"
+            raise ImageRefused(f"image is {over}; at most {max_pixels / 1e6:g} megapixels accepted", "too_large") \
+                from None
+    try:
+        width, height = image.size
+        if image.format not in IMAGE_FORMATS:
+            raise ImageRefused(f"{image.format} image; expected JPEG or PNG", "format")
+        if width * height > max_pixels:
+            raise ImageRefused(f"image is {width}x{height} pixels; at most {max_pixels / 1e6:g} megapixels accepted",
+                               "too_large")
+        if min(width, height) < MIN_IMAGE_SIDE:
+            raise ImageRefused(f"image is {width}x{height} pixels; expected at least {MIN_IMAGE_SIDE} pixels on each "
+                               "side", "too_small")
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def decode_image(path: str | Path | IO[bytes], size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one image to uint8 (size, size, 3): short side resized to `size`, centre square kept.
 
-    JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below `size`), which is most of the speed.
-    `load()` is called explicitly so that a truncated file raises instead of being padded with grey.
+    open_image refuses oversized, degenerate and foreign images first (ImageRefused). JPEG draft mode lets libjpeg
+    decode at 1/2, 1/4 or 1/8 scale (never below `size`), which is most of the speed. `load()` is called explicitly so
+    that a truncated file raises instead of being padded with grey. Every intermediate image is closed at once, so
+    a long-running server holds no pixels between requests.
     """
-    with Image.open(path) as image:
+    with open_image(path, max_pixels) as image:
         image.draft("RGB", (size, size))
         image.load()
         rgb = image.convert("RGB")
-    width, height = rgb.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    square = rgb.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side))
-    return np.asarray(square, dtype=np.uint8)
+    with rgb:
+        width, height = rgb.size
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        with rgb.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side)) as square:
+            return np.asarray(square, dtype=np.uint8)
+
+
+def create_npy(path: Path, shape: tuple[int, ...]) -> None:
+    """A new uint8 .npy of `shape`, its disk space reserved up front (posix_fallocate).
+
+    Workers fill it through memory maps; a write through a map into a sparse file on a full disk kills the process
+    with SIGBUS, so the space is claimed here, where a full disk is one HamtuneError naming the file (unwritable).
+    """
+    path = Path(path)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        del array  # header and size on disk; the pages are claimed next
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+                    raise
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise unwritable(path, exc) from None
+
+
+def _reason(err: BaseException) -> str:
+    """One line for problems.csv and `predict`: our refusals as they are, a library's error with its type."""
+    text = str(err) if isinstance(err, HamtuneError) else f"{type(err).__name__}: {err}"
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _decode_rows(npy_path: str, start: int, paths: list[str], size: int) -> list[tuple[int, str]]:
@@ -54,7 +144,7 @@ def _decode_rows(npy_path: str, start: int, paths: list[str], size: int) -> list
             try:
                 out[row] = decode_image(path, size)
             except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is unusable
-                failures.append((row, f"{type(err).__name__}: {err}".splitlines()[0]))
+                failures.append((row, _reason(err)))
         out.flush()
     finally:
         del out
@@ -64,8 +154,8 @@ def _decode_rows(npy_path: str, start: int, paths: list[str], size: int) -> list
 
 def decode_all(paths: list[str], size: int, out_path: Path, workers: int, progress: bool) -> list[tuple[int, str]]:
     """Decode `paths` into a new (N, size, size, 3) .npy at out_path; return (row, reason) of failed rows."""
-    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    del images  # created on disk; workers open it themselves
+    size = check_image_size(size)
+    create_npy(out_path, (len(paths), size, size, 3))  # created on disk; workers open it themselves
     chunk = max(16, min(512, math.ceil(len(paths) / (workers * 8))))
     starts = range(0, len(paths), chunk)
     failures: list[tuple[int, str]] = []

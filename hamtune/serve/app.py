@@ -4,10 +4,12 @@ A research tool, not a diagnostic device: the page says so at the top. It binds 
 otherwise. FastAPI parses the requests and uvicorn serves them; images are decoded exactly as training decodes them
 (hamtune.serve.predictor.Predictor), so the page and `hamtune predict` give the same probabilities for the same file.
 
-API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the server keeps serving):
+API (every error is a 4xx, or a 503 when busy, with a one-line JSON body {"detail": "..."}; the server keeps
+serving):
 
     GET  /          the page (drop or choose an image; bar chart of the seven diagnoses; Grad-CAM overlay)
-    GET  /health    {"status": "ok"}
+    GET  /health    {"status": "ok", "in_progress": images being answered now, "pending": requests in (being read,
+                    waiting or answered), "slots": how many may be answered at once}
     GET  /info      the model: name, image_size, members, calibration, classes (code, name), Grad-CAM layer
     POST /predict   multipart/form-data with the image (JPEG or PNG) in the field `file`;
                     query ?heatmap=false skips the Grad-CAM (faster). Answer:
@@ -20,33 +22,48 @@ API (every error is a 4xx with a one-line JSON body {"detail": "..."}; the serve
         diagnosis its decision rule picks (exactly what `hamtune predict` gives): for a calibrated file the
         networks' own choice (the argmax before calibration), not always the largest calibrated probability. The heatmap PNG is the centre square the model sees (at 256 px) with the top
         class's Grad-CAM blended over it (an ensemble: the mean of its members' maps). Errors: 413 body over 20 MB
-        or image over 40 megapixels; 415 not a JPEG/PNG; 422 truncated or corrupt image; 400 no `file` field or a
-        malformed multipart body.
+        or image over 40 megapixels (hamtune.data.images.MAX_IMAGE_PIXELS, read from the header before decoding);
+        415 not a JPEG/PNG; 422 truncated or corrupt image, or under 8 pixels on a side; 400 no `file` field or a
+        malformed multipart body; 503 with Retry-After when the server is busy (below).
+
+Under load the memory stays flat and bounded: at most `max_concurrent` images are decoded and run through the
+network at once, on that many dedicated threads (so the decoded pixels and torch's buffers live in a fixed set of
+threads' allocator arenas, not in one per thread of a growing pool); a request that finds every slot taken waits up
+to `queue_wait_s` and is then answered 503 with Retry-After; at most `max_pending` requests are read at once (each
+body is bounded by max_upload_bytes, refused before it is read when Content-Length announces more), further ones get
+503 before their body is read. Nothing is kept per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hamtune.errors import HamtuneError
 from hamtune.serve.predictor import ImageRejected, Predictor
 from hamtune.vocab import DIAGNOSES
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a 600x450 dermatoscopic JPEG is ~50 kB; phone photos stay well below this
+MAX_CONCURRENT = 2  # images decoded and answered at once: one in the network while the next decodes
+QUEUE_WAIT_S = 5.0  # how long a request waits for a slot before it is answered 503
+MAX_PENDING = 16  # requests read or waiting at once (each body up to MAX_UPLOAD_BYTES in memory); more get 503
+RETRY_AFTER_S = 1
 DISPLAY_SIZE = 256  # side of the heatmap overlay the page shows
 PAGE = Path(__file__).with_name("page.html")
 
@@ -81,10 +98,75 @@ class BodySizeLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The FastAPI app around one Predictor (see the module docstring for the routes)."""
+class Slots:
+    """At most `size` answers computed at once, on `size` dedicated threads; a request that waits longer than
+    `wait_s` for one, or arrives when `max_pending` requests are already in, is told to come back (503)."""
+
+    def __init__(self, size: int, wait_s: float, max_pending: int):
+        if size < 1 or max_pending < size or wait_s < 0:
+            raise HamtuneError(f"serve limits: {size} slots, {max_pending} pending, {wait_s} s wait; expected "
+                               "slots >= 1, pending >= slots and a wait >= 0")
+        self.size, self.wait_s, self.max_pending = size, wait_s, max_pending
+        self.pending = 0  # requests admitted (reading their body, waiting or being answered); event-loop only
+        self.in_progress = 0
+        self._free = asyncio.Semaphore(size)
+        self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="hamtune-answer")
+
+    def busy(self, why: str) -> HTTPException:
+        return HTTPException(503, f"server busy: {why}; retry in {RETRY_AFTER_S} s",
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def admit(self) -> None:
+        """Count a request in before its body is read, or refuse it (503) when max_pending are already in."""
+        if self.pending >= self.max_pending:
+            raise self.busy(f"{self.pending} requests already in progress")
+        self.pending += 1
+
+    def leave(self) -> None:
+        self.pending -= 1
+
+    async def run(self, fn: Callable, *args):
+        """fn(*args) on a slot's thread once one is free (503 after wait_s). The slot is freed when fn returns, even
+        if the client has gone: a disconnect never lets more than `size` answers run at once."""
+        if self._free.locked():
+            try:
+                await asyncio.wait_for(self._free.acquire(), timeout=self.wait_s)
+            except TimeoutError:
+                raise self.busy(f"every answer slot ({self.size}) taken for {self.wait_s:g} s") from None
+        else:
+            await self._free.acquire()  # free: returns at once (wait_for with a timeout of 0 would refuse it)
+        self.in_progress += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        except BaseException:
+            self.in_progress -= 1
+            self._free.release()
+            raise
+        future.add_done_callback(self._release)
+        return await asyncio.shield(future)
+
+    def _release(self, future: asyncio.Future) -> None:
+        self.in_progress -= 1
+        self._free.release()
+        if not future.cancelled():
+            future.exception()  # seen: if the client has gone nobody reads it, and asyncio would log it
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = MAX_CONCURRENT,
+               queue_wait_s: float = QUEUE_WAIT_S, max_pending: int = MAX_PENDING):
+    """The FastAPI app around one Predictor (see the module docstring for the routes and the limits)."""
+    slots = Slots(max_concurrent, queue_wait_s, max(max_pending, max_concurrent))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        slots.close()
+
     app = FastAPI(title="hamtune", description="Research tool, not a diagnostic device.", docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a bad body is answered with 400, not logged
 
@@ -101,29 +183,35 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         return page
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> dict:
+        return {"status": "ok", "in_progress": slots.in_progress, "pending": slots.pending, "slots": slots.size}
 
     @app.get("/info")
     def model_info() -> dict:
         return info
 
-    @app.post("/predict")
-    async def predict(request: Request, heatmap: bool = True) -> dict:
+    @app.post("/predict", response_model=None)
+    async def predict(request: Request, heatmap: bool = True) -> dict | Response:
+        slots.admit()
         try:
-            async with request.form(max_files=1, max_fields=10) as form:
-                upload = form.get("file")
-                data = await upload.read() if isinstance(upload, UploadFile) else None
-        except StarletteHTTPException as exc:  # starlette's 400 for a broken multipart body; 413 from BodySizeLimit
-            if exc.status_code != 400:
-                raise
-            raise HTTPException(400, f"malformed multipart body ({exc.detail})") from None
-        if data is None:
-            raise HTTPException(400, "no file in the multipart field 'file'; expected a JPEG or PNG image there")
-        try:
-            return await run_in_threadpool(answer, predictor, data, heatmap)
-        except ImageRejected as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            try:
+                async with request.form(max_files=1, max_fields=10) as form:
+                    upload = form.get("file")
+                    data = await upload.read() if isinstance(upload, UploadFile) else None
+            except StarletteHTTPException as exc:  # starlette's 400 for a broken multipart body; 413 from BodySizeLimit
+                if exc.status_code != 400:
+                    raise
+                raise HTTPException(400, f"malformed multipart body ({exc.detail})") from None
+            except ClientDisconnect:  # the client left mid-upload: nobody to answer, nothing to log
+                return Response(status_code=400)
+            if data is None:
+                raise HTTPException(400, "no file in the multipart field 'file'; expected a JPEG or PNG image there")
+            try:
+                return await slots.run(answer, predictor, data, heatmap)
+            except ImageRejected as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+        finally:
+            slots.leave()
 
     return app
 
@@ -187,8 +275,10 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: Echo = print) -> None:
-    """Load the model, bind, and serve until Ctrl+C (or SIGTERM)."""
+def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: Echo = print,
+          max_concurrent: int = MAX_CONCURRENT, queue_wait_s: float = QUEUE_WAIT_S,
+          max_pending: int = MAX_PENDING) -> None:
+    """Load the model, bind, and serve until Ctrl+C (or SIGTERM), with the limits of create_app."""
     import uvicorn
 
     predictor = Predictor.from_file(model_path)
@@ -202,5 +292,6 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: 
     if not is_loopback(bound_host):
         echo(f"listening on {bound_host}: anyone who can reach this machine on port {bound_port} can use the page")
     echo(f"serving on http://{shown}:{bound_port}/ (a research tool, not a diagnostic device; Ctrl+C stops)")
-    config = uvicorn.Config(create_app(predictor), log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    app = create_app(predictor, max_concurrent=max_concurrent, queue_wait_s=queue_wait_s, max_pending=max_pending)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import io
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ImageFile, UnidentifiedImageError
 from torch import nn
 
 from hamtune.data.arrays import unknown_meta
-from hamtune.data.images import decode_image
+from hamtune.data.images import MAX_IMAGE_PIXELS, ImageRefused, decode_image, open_image
 from hamtune.errors import HamtuneError
 from hamtune.final.modelfile import LoadedModel, load_model
 from hamtune.vocab import DIAGNOSES
 
 CAM_MIN_SIDE = 4  # smallest Grad-CAM map (pixels on a side) worth showing; see the module docstring
-ACCEPTED_FORMATS = ("JPEG", "PNG")  # what training reads (hamtune.data.images.IMAGE_SUFFIXES)
+_REFUSED_STATUS = {"too_large": 413, "format": 415, "too_small": 422}  # hamtune.data.images.ImageRefused.kind
 
 
 class ImageRejected(HamtuneError):
@@ -92,32 +91,25 @@ class Predictor:
 
     # -- images ---------------------------------------------------------------------------------------------------
 
-    def decode(self, data: bytes, size: int | None = None, *, max_pixels: int = 40_000_000) -> np.ndarray:
+    def decode(self, data: bytes, size: int | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         """Encoded JPEG/PNG bytes -> uint8 (size, size, 3) exactly as the cache decodes files (default: image_size).
 
-        Raises ImageRejected for what is not a JPEG/PNG (415), over max_pixels (413), or truncated/corrupt (422).
+        Raises ImageRejected for what is not a JPEG/PNG (415), over max_pixels (413, from the header, before a pixel
+        is decoded), under MIN_IMAGE_SIDE on a side (422), or truncated/corrupt (422).
         """
         if not data:
             raise ImageRejected("empty upload; expected a JPEG or PNG image", 415)
         try:
-            # Header only. Our pixel limit is below Pillow's bomb warning, so its warning would only repeat ours.
-            with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning):
-                with Image.open(io.BytesIO(data)) as probe:
-                    fmt, (width, height) = probe.format, probe.size
-        except Image.DecompressionBombError:
-            raise ImageRejected(f"image over Pillow's decompression-bomb limit; at most {max_pixels // 1_000_000} "
-                                "megapixels accepted", 413) from None
+            with open_image(io.BytesIO(data), max_pixels) as probe:  # the header only
+                fmt = probe.format
+        except ImageRefused as exc:
+            raise ImageRejected(str(exc), _REFUSED_STATUS[exc.kind]) from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise ImageRejected("not an image; expected a JPEG or PNG file", 415) from None
-        if fmt not in ACCEPTED_FORMATS:
-            raise ImageRejected(f"{fmt} image; expected JPEG or PNG", 415)
-        if width * height > max_pixels:
-            raise ImageRejected(f"image is {width}x{height} pixels; at most {max_pixels / 1e6:g} megapixels "
-                                "accepted", 413)
         if ImageFile.LOAD_TRUNCATED_IMAGES:  # another library made Pillow pad truncated files with grey: undo it
             ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            return decode_image(io.BytesIO(data), size or self.image_size)
+            return decode_image(io.BytesIO(data), size or self.image_size, max_pixels=max_pixels)
         except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file is unusable
             reason = (str(exc).strip().splitlines() or [""])[0]
             raise ImageRejected(f"unreadable {fmt} image ({type(exc).__name__}: {reason})", 422) from None
