@@ -4,6 +4,7 @@ code 2. Nothing else lives here: each handler imports the one function that does
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from hamtune.errors import HamtuneError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+_echo = functools.partial(print, flush=True)  # every line a command says, at once (progress runs beside it)
 RESULTS = dict(type=Path, default=Path("results"), help="folder of experiments (default results/)")
 
 
@@ -105,17 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--tta", action="store_true", help="test-time augmentation (flips and 90° rotations averaged)")
     best.add_argument("--top", type=int, default=1, metavar="K",
                       help="retrain the K best trials and average their probabilities (an ensemble; default 1)")
-    best.add_argument("--calibration", type=float, metavar="FRACTION",
-                      help="fraction of train+val lesions held back from the retrain to fit the calibration "
-                           "(temperature and class biases; default 0.15; 0 = no calibration)")
+    best.add_argument("--calibration", type=float, metavar="FRACTION", help="train+val lesions held back to fit "
+                      "the calibration (temperature and class biases; default 0.15; 0 = none)")
     best.add_argument("--results-dir", **RESULTS)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on an external labelled image set")
     evaluate.add_argument("--model", type=Path, required=True, help="model.pt written by `hamtune best --retrain`")
     evaluate.add_argument("--images", type=Path, help="folder of images (searched recursively)")
-    evaluate.add_argument("--isic2018-test", action="store_true",
-                          help="the official ISIC 2018 Task 3 test set from `hamtune data download isic2018-test` "
-                               "(instead of --images and --labels)")
+    evaluate.add_argument("--isic2018-test", action="store_true", help="the official ISIC 2018 Task 3 test set "
+                          "from `hamtune data download isic2018-test` (instead of --images and --labels)")
     evaluate.add_argument("--labels", type=Path, help="HAM10000 metadata CSV (image_id, dx) or ISIC 2018 Task 3 "
                           "ground truth (image, MEL, NV, ...)")
     evaluate.add_argument("--out", type=Path, help="report folder (default: <model folder>/eval-<images folder name>)")
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", type=Path, required=True, help="model.pt written by `hamtune best --retrain`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--max-concurrent", type=int, help="images answered at once (default 2)")
+    serve.add_argument("--queue-wait", type=float, help="seconds a request waits for a slot before a 503 (default 5)")
+    serve.add_argument("--max-pending", type=int, help="requests in at once before new ones get a 503 (default 16)")
     return parser
 
 
@@ -206,7 +209,7 @@ def cmd_dashboard(args) -> None:
 def cmd_results(args) -> None:
     from hamtune.search.summary import experiment_summary, experiments_listing
 
-    if not args.name and not args.importance:
+    if not (args.name or args.importance or args.top or args.sort):  # a leaderboard flag means the latest one
         print(experiments_listing(args.results_dir, args.format))
         return
     print("\n".join(experiment_summary(args.name, args.results_dir, top=args.top, sort=args.sort, fmt=args.format,
@@ -238,11 +241,8 @@ def cmd_predict(args) -> None:
 def cmd_serve(args) -> None:
     from hamtune.serve.app import serve
 
-    serve(args.model, host=args.host, port=args.port, echo=_echo)
-
-
-def _echo(line: str) -> None:
-    print(line, flush=True)
+    serve(args.model, host=args.host, port=args.port, echo=_echo, max_concurrent=args.max_concurrent,
+          queue_wait_s=args.queue_wait, max_pending=args.max_pending)
 
 
 if __name__ == "__main__":

@@ -123,11 +123,16 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110, tight: bool = F
 
 def replace_folder(tmp: Path, target: Path, marker: str, marker_text: str) -> None:
     """Move a finished temp folder into place: its completion marker written last, an older or unfinished `target`
-    replaced; readers trust a folder only with its marker, so none ever reads half of one."""
-    (Path(tmp) / marker).write_text(marker_text)
-    if Path(target).exists():
-        shutil.rmtree(target)
+    renamed aside first and deleted only once the new one is in place. Readers trust a folder only with its marker,
+    so none ever reads half of one; a kill between the two renames leaves the finished temp folder, which
+    remove_abandoned_temps moves into place rather than deleting."""
+    tmp, target = Path(tmp), Path(target)
+    atomic_write_bytes(tmp / marker, marker_text.encode())
+    old = target.with_name(f".old-{target.name}-{socket.gethostname()}-{os.getpid()}")
+    if target.exists():
+        os.rename(target, old)
     os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -152,17 +157,24 @@ def temp_sibling(target: Path) -> Path:
     return target.with_name(f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}")
 
 
-def remove_abandoned_temps(target: Path) -> None:
-    """Delete temp_sibling folders of `target` left by killed processes on this host (their pid no longer runs)."""
+def remove_abandoned_temps(target: Path, marker: str | None = None) -> None:
+    """Delete temp_sibling folders of `target` (and folders replace_folder set aside) left by killed processes on
+    this host (their pid no longer runs). With `marker`: when `target` itself is missing, a dead process's finished
+    temp folder (it holds the marker: killed between replace_folder's two renames) is moved into place instead."""
     target = Path(target)
-    prefix = f".tmp-{target.name}-{socket.gethostname()}-"
-    for path in target.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
+    host = socket.gethostname()
+    for kind in (".tmp", ".old"):
+        prefix = f"{kind}-{target.name}-{host}-"
+        for path in sorted(target.parent.glob(f"{prefix}*")):
+            pid = path.name[len(prefix):]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                if kind == ".tmp" and marker and not target.exists() and (path / marker).is_file():
+                    os.rename(path, target)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+            except PermissionError:  # alive, someone else's
+                pass

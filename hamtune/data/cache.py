@@ -309,7 +309,7 @@ def synthetic_source(cache_dir: Path, n_images: int, seed: int, workers: int | N
     except (OSError, ValueError):
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temps(target)
+    remove_abandoned_temps(target, ".complete")
     tmp = temp_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -286,7 +286,7 @@ def extract(dataset: Dataset, downloads: Path, folder: Path, manifest: dict, *, 
     """
     from tqdm import tqdm
 
-    remove_abandoned_temps(folder)
+    remove_abandoned_temps(folder, COMPLETE)
     tmp = temp_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

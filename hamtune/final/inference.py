@@ -145,10 +145,10 @@ def predict(model_path: Path, inputs: Sequence[Path], *, tta: bool = False, echo
     paths = find_images(inputs)
     with tempfile.TemporaryDirectory(prefix="hamtune-predict-") as workdir:
         images, failures = decode_files(paths, loaded.image_size, Path(workdir))
+        if failures and len(failures) == len(paths):  # one line: the first reason stands for all
+            raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
         for i, reason in failures:
             echo(f"skipped {paths[i]}: unreadable image ({reason})")
-        if len(failures) == len(paths):
-            raise HamtuneError(f"{paths[0]}: no readable image among the {len(paths)} given ({failures[0][1]})")
         meta = unknown_meta(len(images)) if loaded.use_meta else None
         probs = loaded.predict_proba(images, meta, device=device, tta=tta)
     bad = {i for i, _ in failures}

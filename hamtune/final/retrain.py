@@ -291,7 +291,7 @@ def _write_outputs(out_dir: Path, choices: list[BestChoice], data, train, held, 
     killed while writing leaves the previous folder whole, never new weights beside an old report. Returns the files'
     paths in out_dir."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temps(out_dir)  # the half-written folders of killed retrains
+    remove_abandoned_temps(out_dir, COMPLETE)  # the half-written folders of killed retrains
     tmp = temp_sibling(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

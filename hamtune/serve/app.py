@@ -276,9 +276,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, echo: Echo = print,
-          max_concurrent: int = MAX_CONCURRENT, queue_wait_s: float = QUEUE_WAIT_S,
-          max_pending: int = MAX_PENDING) -> None:
-    """Load the model, bind, and serve until Ctrl+C (or SIGTERM), with the limits of create_app."""
+          max_concurrent: int | None = None, queue_wait_s: float | None = None,
+          max_pending: int | None = None) -> None:
+    """Load the model, bind, and serve until Ctrl+C (or SIGTERM), with the limits of create_app (None: defaults)."""
+    max_concurrent = MAX_CONCURRENT if max_concurrent is None else max_concurrent
+    queue_wait_s = QUEUE_WAIT_S if queue_wait_s is None else queue_wait_s
+    max_pending = MAX_PENDING if max_pending is None else max_pending
     import uvicorn
 
     predictor = Predictor.from_file(model_path)
