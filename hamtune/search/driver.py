@@ -32,10 +32,10 @@ from hamtune.search.savings import compute_payoff
 from hamtune.search.spec import SearchSpec, load_spec, spec_from_dict
 from hamtune.search.startup import coverage_note
 from hamtune.search.warm_start import warm_start_points
-from hamtune.vocab import ENDED, INTERRUPTED
+from hamtune.vocab import ENDED, ERROR, INTERRUPTED
 
 log = logging.getLogger("hamtune")
-MEMORY_KILL = "running low on memory"  # what Ray says when its memory monitor kills a worker
+MEMORY_KILL = res.MEMORY_KILL
 Echo = Callable[[str], None]
 SMOKE_TEST = {"search.num_samples": 2, "train.epochs": 2, "data.synthetic_size": 300, "data.image_size": 16,
               "search.grace_period": 1}
@@ -322,8 +322,7 @@ def _stopped(spec: SearchSpec, exp_dir: Path, record: dict, wall: float, resume:
     log_file = exp_dir / "stopped.log"
     atomic_write_bytes(log_file, "".join(traceback.format_exception(exc)).encode())
     memory = memory or MEMORY_KILL in str(exc)
-    advice = (" Ray's memory monitor killed trial workers (the machine ran out of memory): lower "
-              "search.max_concurrent (--max-concurrent), data.image_size or train.batch_size." if memory else "")
+    advice = res.MEMORY_ADVICE if memory else ""
     raise HamtuneError(f"the search of experiment '{spec.experiment}' stopped: {reason} (whole error: {log_file}).{advice} "
                        f"Finished trials are kept in {exp_dir}; continue with `hamtune search --resume {spec.experiment}`") from None
 
@@ -340,6 +339,13 @@ def _finish(spec: SearchSpec, exp_dir: Path, record: dict, tune_path: str, paths
                                    metric=spec.search.metric, mode=spec.search.mode,
                                    keep=spec.search.keep_best_checkpoints)
     trials["best_checkpoint"] = trials["trial_id"].map(best_ckpts)
+    # a trial whose worker died (Ray's memory monitor, a crash after its retries) left no message of ours: Tune's
+    # error.txt in its folder says why, in its last "SomeError: ..." line
+    crashed = (trials["status"] == ERROR) & trials.get("message", pd.Series(index=trials.index)).isna()
+    for i in trials.index[crashed]:
+        reason = _crash_reason(paths.get(trials.at[i, "trial_id"]))
+        if reason:
+            trials.at[i, "message"] = reason
     atomic_write_table(trials, exp_dir / "trials.parquet")
     finished = bool(trials["status"].isin(ENDED).all()) and len(trials) >= spec.search.num_samples
     record.update(state="finished" if finished else "interrupted", updated=now_iso(),
@@ -352,6 +358,19 @@ def _finish(spec: SearchSpec, exp_dir: Path, record: dict, tune_path: str, paths
         log.warning("could not draw the search plots: %s", exc)
     return SearchOutcome(exp_dir=exp_dir, spec=spec, state=record["state"], wall_time_s=wall, trials=trials,
                          warm_start=warm_start)
+
+
+def _crash_reason(trial_dir: str | None) -> str | None:
+    """The cause line of Tune's error.txt for a crashed trial (local folders only), or None."""
+    error_file = Path(trial_dir) / "error.txt" if trial_dir else None
+    if error_file is None or not error_file.is_file():
+        return None
+    text = error_file.read_text(errors="replace")
+    if MEMORY_KILL in text:
+        return f"its worker was killed by Ray's memory monitor (the node was {MEMORY_KILL})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return ((cause or lines or [""])[-1])[:300] or None
 
 
 def _reporter(spec: SearchSpec, *, with_metric: bool = True):

@@ -192,12 +192,19 @@ def leaderboard(trials: pd.DataFrame, *, metric: str, mode: str, sort: str | Non
     return board.head(top) if top else board
 
 
+MEMORY_KILL = "running low on memory"  # what Ray says when its memory monitor kills a worker
+MEMORY_ADVICE = (" Ray's memory monitor killed trial workers (the machine ran out of memory): lower "
+                 "search.max_concurrent (--max-concurrent), data.image_size or train.batch_size.")
+
+
 def no_result_error(trials: pd.DataFrame, metric: str) -> HamtuneError:
     """Why there is nothing to rank: the trials' end states and the first error message a trial left."""
     counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items()) if "status" in trials else ""
     messages = trials.loc[trials["status"] == ERROR, "message"].dropna() if "message" in trials else pd.Series()
     first = f"; first error: {messages.iloc[0]}" if len(messages) else ""
-    return HamtuneError(f"no completed or stopped trial reported '{metric}' (trials: {counts or 'none'}){first}")
+    advice = MEMORY_ADVICE if messages.astype(str).str.contains(MEMORY_KILL).any() else ""
+    return HamtuneError(f"no completed or stopped trial reported '{metric}' (trials: {counts or 'none'}){first}."
+                        f"{advice}")
 
 
 def best_trial(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.Series:

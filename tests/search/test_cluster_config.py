@@ -162,8 +162,10 @@ def test_resnext101_spec_fits_the_gpu_workers(raw):
     per_node = min(worker["resources"]["GPU"] / spec.resources.gpu, worker["resources"]["CPU"] / spec.resources.cpu)
     assert per_node == 2
     assert spec.search.max_concurrent == per_node * worker["max_workers"]
-    # The nodes pre-fetch the weights that `pretrained: true` will look for in their local cache.
-    assert any(f"create_model('{spec.train['model']}', pretrained=True)" in c for c in raw["setup_commands"])
+    # The head installs the weights the driver reads for `pretrained: true` (trials get them through the object
+    # store), and no node's setup downloads them for itself.
+    assert f"hamtune weights install {spec.train['model']}" in " ".join(raw["head_setup_commands"])
+    assert not any("pretrained=True" in c for c in raw["setup_commands"] + raw["worker_setup_commands"])
 
 
 def doc_commands(text: str) -> list[list[str]]:
