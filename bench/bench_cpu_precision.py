@@ -138,7 +138,7 @@ def main() -> None:
                  "in fp32 and with bf16 autocast; val balanced accuracy after the last epoch.\n\n"
                  + common.md_table(["model", "image size", "precision", "val balanced accuracy", "seconds"],
                                    accuracy_rows))
-    common.publish("CPU precision per model", body, dry_run=args.dry_run)
+    common.publish("## CPU precision per model", body, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

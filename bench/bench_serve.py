@@ -189,7 +189,7 @@ def main() -> None:
     body += "\n" + (
         f"Under load: {args.clients} clients at once, each on its own connection, {args.load_requests} requests of "
         "the same JPEG in all (with Grad-CAM), against the server's default limits (2 answer slots, a 5 s wait for "
-        "one, then 503 with Retry-After), after {3 * args.clients} untimed ones at the same concurrency. Latency "
+        f"one, then 503 with Retry-After), after {3 * args.clients} untimed ones at the same concurrency. Latency "
         "of the answered requests; the server process's RSS (MiB, /proc VmRSS) before the load, half-way through it "
         "and at its end, and its peak (VmHWM).\n\n"
     ) + md_table(
