@@ -315,10 +315,7 @@ def _stopped(spec: SearchSpec, exp_dir: Path, record: dict, wall: float, resume:
     record.update(state=INTERRUPTED, updated=now_iso(),
                   wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
     atomic_write_json(exp_dir / res.EXPERIMENT_FILE, record)
-    # Tune wraps the cause in a traceback: its last "SomeError: ..." line says what happened; the whole text is kept
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
-    reason = ((cause or lines or [type(exc).__name__])[-1])[:300]
+    reason = _cause_line(str(exc)) or type(exc).__name__  # the whole text is kept in stopped.log
     log_file = exp_dir / "stopped.log"
     atomic_write_bytes(log_file, "".join(traceback.format_exception(exc)).encode())
     memory = memory or MEMORY_KILL in str(exc)
@@ -368,8 +365,14 @@ def _crash_reason(trial_dir: str | None) -> str | None:
     text = error_file.read_text(errors="replace")
     if MEMORY_KILL in text:
         return f"its worker was killed by Ray's memory monitor (the node was {MEMORY_KILL})"
+    return _cause_line(text)
+
+
+def _cause_line(text: str) -> str | None:
+    """What a traceback says happened: its last "SomeError: ..." line (else its last line), cut to 300 characters;
+    None for an empty text. Tune wraps a trial's or its own failure in such a text."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
     return ((cause or lines or [""])[-1])[:300] or None
 
 

@@ -9,11 +9,9 @@ The crafted PNGs are real PNG files (signature, IHDR, zlib IDAT, IEND) of 1-bit 
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +28,9 @@ from hamtune.data.images import (
 )
 from hamtune.vocab import METADATA_COLUMNS
 
+from image_fixtures import png_declaring
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def png_declaring(width: int, height: int, rows: int | None = None) -> bytes:
-    """A 1-bit grey PNG of width x height whose first `rows` scanlines (all, when None) are present, all black."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    stride = 1 + (width + 7) // 8
-    n = height if rows is None else rows
-    packer = zlib.compressobj(9)
-    pixels = b"".join(packer.compress(bytes(stride * min(1000, n - i))) for i in range(0, n, 1000)) + packer.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 
 REFUSED = {  # name: (PNG bytes, kind, words of the message)
