@@ -36,7 +36,8 @@ run alone (`--help`). Each one measures its variants side by side in one run on 
 below, headed with the exact command, the machine, the date, the library versions and the load average at the start
 and end. Compare numbers only within a section: the ratios are the result, absolute rates depend on the machine and on
 what else was running. Scratch data (caches, Ray results) goes to `bench/out/` (git-ignored), never to `results/`.
-`bench/gpu_check.py` is run by hand on a GPU machine.
+`bench/gpu_check.py` is run by hand on a GPU machine; the studies on real data (`make bench-payoff`) and the
+same-seed check (`make bench-determinism`) run on their own.
 """
 
 

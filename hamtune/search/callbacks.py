@@ -119,7 +119,10 @@ class ResultsTablesCallback(tune.Callback):
         return "INTERRUPTED" if trial.status == "TERMINATED" else trial.status
 
     def write(self, trials):
-        table = write_tables(self.exp_dir, self.spec, self.history, [
+        # rows of a trial Tune does not know are a killed driver's, from after Tune's last snapshot: the searcher
+        # proposes that trial again under a new id, and the old rows would count it twice
+        known = {t.trial_id for t in trials}
+        table = write_tables(self.exp_dir, self.spec, [r for r in self.history if r["trial_id"] in known], [
             {"trial_id": t.trial_id, "trial_index": res.creation_index(t.experiment_tag, i), "config": t.config, "tune_status": self._status(t),
              "wall_time_s": self.wall.get(t.trial_id)} for i, t in enumerate(trials)])
         self._last_write = time.monotonic()

@@ -116,13 +116,19 @@ def ray_environment(address: str | None) -> None:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Local Ray on 127.0.0.1 by default; --address joins a running cluster."""
+    """Local Ray on 127.0.0.1 by default; --address joins a running cluster.
+
+    The workers' own output stays in Ray's session logs (HAMTUNE_WORKER_LOGS=1 forwards it): what a trial has to
+    say reaches the user through its reports and the tables, and forwarding let through what Ray's workers print
+    as they are shut down or killed (a SIGTERM landing in a weakref callback prints "Exception ignored ...
+    SystemExit" with a traceback), which buried hamtune's one-line outcome."""
     ray_environment(address)
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    forward = os.environ.get("HAMTUNE_WORKER_LOGS", "").strip().lower() in ("1", "true", "yes")
+    kwargs: dict[str, Any] = {"log_to_driver": forward, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -68,11 +68,11 @@ class OrderedASHA(FIFOScheduler):
     # -- Tune's calls -----------------------------------------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
-        self._rebuild_once()
+        # no rebuild here: on a resume Tune adds its restored trials one by one, and the rebuild must know them all
         self._order.setdefault(trial.trial_id, creation_index(trial.experiment_tag, len(self._order)))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
-        self._rebuild_once()
+        self._rebuild_once(tune_controller)
         if self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         epoch = int(result[self._time_attr])
@@ -91,6 +91,7 @@ class OrderedASHA(FIFOScheduler):
         return action
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        self._rebuild_once(tune_controller)
         if result and self._time_attr in result and self._metric in result:
             self._record(trial.trial_id, int(result[self._time_attr]), result[self._metric])
         self._end(tune_controller, trial.trial_id)
@@ -104,7 +105,7 @@ class OrderedASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """Pending trials first, in order; then paused trials no longer waiting for a predecessor. A restored trial
         that the replayed decisions cut is stopped instead of run."""
-        self._rebuild_once()
+        self._rebuild_once(tune_controller)
         trials = sorted(tune_controller.get_trials(), key=lambda t: self._order.get(t.trial_id, math.inf))
         for status in (Trial.PENDING, Trial.PAUSED):
             for trial in trials:
@@ -171,9 +172,14 @@ class OrderedASHA(FIFOScheduler):
 
     # -- resume -------------------------------------------------------------------------------------------------
 
-    def _rebuild_once(self) -> None:
+    def _rebuild_once(self, tune_controller) -> None:
         """After a restore: every rung value and end an earlier run of this search recorded, from its tables, with
-        the decisions replayed in order (so an interrupted decision is made as it would have been)."""
+        the decisions replayed in order (so an interrupted decision is made as it would have been).
+
+        Only the trials Tune restored count. The tables are written on every report, Tune's snapshot every few
+        seconds, so a driver killed in between leaves rows of trials Tune never heard of (the searcher proposes
+        them again under new ids, at the same place in the order); their rung values would skew the decisions
+        of every later trial, and a ghost that never ends would hold them at their rung."""
         if self._rebuilt:
             return
         self._rebuilt = True
@@ -183,13 +189,14 @@ class OrderedASHA(FIFOScheduler):
 
         from hamtune.search.tables import ended_for_good
 
+        known = {t.trial_id for t in tune_controller.get_trials()} if tune_controller is not None else set()
         history = pd.read_parquet(self._history)
         trials_file = Path(self._history).with_name("trials.parquet")
         if history.empty or self._metric not in history.columns or not trials_file.is_file():
             return
-        trials = pd.read_parquet(trials_file).sort_values("trial_index", kind="stable")
-        for trial_id, index in zip(trials["trial_id"], trials["trial_index"]):  # the order its searcher made them in
-            self._order.setdefault(trial_id, int(index) if pd.notna(index) else len(self._order))
+        trials = pd.read_parquet(trials_file)
+        trials = trials[trials["trial_id"].isin(known)]
+        history = history[history["trial_id"].isin(known)]
         self._ended |= set(trials.loc[ended_for_good(trials), "trial_id"])
         for trial_id, epoch, value in zip(history["trial_id"], history["epoch"], history[self._metric]):
             self._record(trial_id, int(epoch), value)

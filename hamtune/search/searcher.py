@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 from optuna.trial import TrialState
@@ -77,8 +78,11 @@ class PruningAwareOptunaSearch(OptunaSearch):
             trial, step, value = self._ot_trials[trial_id], result.get("training_iteration"), result.get(self.metric)
             if state == TrialState.PRUNED and step is not None and value is not None and math.isfinite(value):
                 # Tune passes the result that made ASHA stop a trial here, not to on_trial_result: without this
-                # report the study would lack the very epoch the trial was judged on
-                trial.report(float(value), int(step))
+                # report the study would lack the very epoch the trial was judged on (a trial OrderedASHA held at
+                # its rung and cut later has reported it already: Optuna keeps the first and warns, said nothing)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The reported value is ignored")
+                    trial.report(float(value), int(step))
             self._ot_study.tell(trial, state=state)
         except Exception as exc:  # a trial Optuna already closed
             log.warning("optuna: %s", exc)

@@ -106,9 +106,10 @@ class SearchSpec(BaseModel):
         return space_form.searched(self.space, self.source_file)
 
     def tune_space(self) -> dict[str, Any]:
-        """The Ray Tune param_space: one tune domain per searched key, plain values for fixed ones."""
+        """The Ray Tune param_space: one tune domain per searched key, plain values for fixed ones, in key-name
+        order: the samplers draw in this order, and the same space written in another order is the same search."""
         dists = self.distributions()
-        return {key: dists[key].to_tune() if key in dists else value for key, value in self.space.items()}
+        return {key: dists[key].to_tune() if key in dists else value for key, value in sorted(self.space.items())}
 
     def searched_keys(self) -> list[str]:
         return list(self.distributions())

@@ -33,6 +33,9 @@ def start_up_points(spec) -> list[dict[str, Any]]:
         return []
     rng = np.random.default_rng([spec.search.seed, 21])
     points: list[dict[str, Any]] = [{} for _ in range(n)]
+    # keys in name order: the Halton dimensions and the draws follow it, and the same space written in another key
+    # order (YAML tools sort keys, people do not) is the same search
+    dists = dict(sorted(dists.items()))
     continuous = [key for key, d in dists.items() if not d.is_choice]
     if continuous:
         from scipy.stats import qmc

@@ -144,7 +144,7 @@ def evaluate(model: nn.Module, data: SplitArrays, *, batch_size: int = 256, devi
 
     device = torch.device(device)
     out = logits(model, data.images, data.meta, batch_size=batch_size, device=device)
-    labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    labels = torch.as_tensor(np.array(data.labels, dtype=np.int64))  # a copy: object-store arrays are read-only
     with torch.no_grad():
         if len(labels) == 0:
             loss = float("nan")

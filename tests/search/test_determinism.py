@@ -76,9 +76,6 @@ def test_the_same_seed_gives_the_same_trials_under_load(two_runs):
     pd.testing.assert_frame_equal(quiet, loaded, check_exact=False, rtol=1e-4)
 
 
-@pytest.mark.xfail(reason="known bug: after a kill -9 between Tune's snapshots, a resumed OrderedASHA can decide one "
-                          "rung differently (seen once: trial 4 stopped instead of completed); under investigation",
-                   strict=False)
 def test_a_search_killed_and_resumed_makes_the_same_trials_and_decisions(two_runs):
     """kill -9 of the driver (and its Ray) mid-search, then --resume: the same trials, stopped at the same rungs,
     as the uninterrupted run; the scheduler's rungs and the searcher's waves come back from the tables and Tune."""

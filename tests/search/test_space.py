@@ -122,3 +122,17 @@ def test_tpe_settings_reach_optunas_sampler():
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (7, False, False)
     raw["search"].update(num_samples=4)  # never more start-up trials than trials
     assert make_searcher(spec_from_dict(raw)).searcher._sampler._n_startup_trials == 4
+
+
+def test_the_order_keys_are_written_in_does_not_change_the_search():
+    """YAML tools sort keys, people do not: both orders of one space must give the same start-up trials (the
+    quasi-random dimensions follow the space's key order)."""
+    from hamtune.search.startup import start_up_points
+
+    space = {"lr": {"loguniform": [1e-4, 1e-2]}, "augment_strength": {"uniform": [0, 1]},
+             "weight_decay": {"loguniform": [1e-6, 1e-3]}, "imbalance": {"choice": ["none", "oversample"]}}
+    written = spec_from_dict({"search": {"seed": 3, "num_samples": 6}, "space": space})
+    reordered = spec_from_dict({"search": {"seed": 3, "num_samples": 6}, "space": dict(reversed(space.items()))})
+    assert start_up_points(written) == start_up_points(reordered)
+    assert list(written.tune_space()) == list(reordered.tune_space())  # TPE and random draw in this order
+    assert len({p["lr"] for p in start_up_points(written)}) == 5  # spread, not one point repeated
