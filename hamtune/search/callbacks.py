@@ -105,7 +105,19 @@ class ResultsTablesCallback(tune.Callback):
             log.warning("could not prune checkpoints: %s", exc)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        log.warning("trial %s failed: %s", trial.trial_id, self._failure(trial))
         self.write(trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.warning("trial %s failed (%s); it starts again from its last checkpoint", trial.trial_id,
+                    self._failure(trial))
+
+    @staticmethod
+    def _failure(trial) -> str:
+        """One line for a failed trial: the cause in its error.txt, and where the whole error is."""
+        folder = getattr(trial, "local_path", None)
+        reason = res.crash_reason(folder) or "see its error.txt"
+        return f"{reason} (the whole error: {folder}/error.txt)" if folder else reason
 
     def on_experiment_end(self, trials, **info):
         self.write(trials)

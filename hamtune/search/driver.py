@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -106,6 +105,9 @@ def ray_environment(address: str | None) -> None:
     # Save the experiment state often, so a killed driver loses at most a few seconds of bookkeeping.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune logs each failed trial's whole traceback on the console; hamtune says it in one line (the results
+    # callback) and the whole error stays in the trial's error.txt. HAMTUNE_WORKER_LOGS=1 brings both back.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "1" if worker_logs() else "0")
     # Per-epoch checkpoints force frequent experiment snapshots by design; Tune's warning about it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not address and not os.environ.get("RAY_ADDRESS"):
@@ -113,6 +115,11 @@ def ray_environment(address: str | None) -> None:
         # A local Ray on 127.0.0.1 turns token authentication on by itself and says so on every start, before
         # hamtune's own lines; the setting stays (Ray's default), the notice goes.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def worker_logs() -> bool:
+    """HAMTUNE_WORKER_LOGS=1: forward Ray's worker output and Tune's per-trial tracebacks to the console."""
+    return os.environ.get("HAMTUNE_WORKER_LOGS", "").strip().lower() in ("1", "true", "yes")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -127,8 +134,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    forward = os.environ.get("HAMTUNE_WORKER_LOGS", "").strip().lower() in ("1", "true", "yes")
-    kwargs: dict[str, Any] = {"log_to_driver": forward, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": worker_logs(), "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -321,7 +327,7 @@ def _stopped(spec: SearchSpec, exp_dir: Path, record: dict, wall: float, resume:
     record.update(state=INTERRUPTED, updated=now_iso(),
                   wall_time_s=round(wall + (float(record.get("wall_time_s") or 0) if resume else 0.0), 1))
     atomic_write_json(exp_dir / res.EXPERIMENT_FILE, record)
-    reason = _cause_line(str(exc)) or type(exc).__name__  # the whole text is kept in stopped.log
+    reason = res.cause_line(str(exc)) or type(exc).__name__  # the whole text is kept in stopped.log
     log_file = exp_dir / "stopped.log"
     atomic_write_bytes(log_file, "".join(traceback.format_exception(exc)).encode())
     memory = memory or MEMORY_KILL in str(exc)
@@ -346,7 +352,7 @@ def _finish(spec: SearchSpec, exp_dir: Path, record: dict, tune_path: str, paths
     # error.txt in its folder says why, in its last "SomeError: ..." line
     crashed = (trials["status"] == ERROR) & trials.get("message", pd.Series(index=trials.index)).isna()
     for i in trials.index[crashed]:
-        reason = _crash_reason(paths.get(trials.at[i, "trial_id"]))
+        reason = res.crash_reason(paths.get(trials.at[i, "trial_id"]))
         if reason:
             trials.at[i, "message"] = reason
     atomic_write_table(trials, exp_dir / "trials.parquet")
@@ -361,25 +367,6 @@ def _finish(spec: SearchSpec, exp_dir: Path, record: dict, tune_path: str, paths
         log.warning("could not draw the search plots: %s", exc)
     return SearchOutcome(exp_dir=exp_dir, spec=spec, state=record["state"], wall_time_s=wall, trials=trials,
                          warm_start=warm_start)
-
-
-def _crash_reason(trial_dir: str | None) -> str | None:
-    """The cause line of Tune's error.txt for a crashed trial (local folders only), or None."""
-    error_file = Path(trial_dir) / "error.txt" if trial_dir else None
-    if error_file is None or not error_file.is_file():
-        return None
-    text = error_file.read_text(errors="replace")
-    if MEMORY_KILL in text:
-        return f"its worker was killed by Ray's memory monitor (the node was {MEMORY_KILL})"
-    return _cause_line(text)
-
-
-def _cause_line(text: str) -> str | None:
-    """What a traceback says happened: its last "SomeError: ..." line (else its last line), cut to 300 characters;
-    None for an empty text. Tune wraps a trial's or its own failure in such a text."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
-    return ((cause or lines or [""])[-1])[:300] or None
 
 
 def _reporter(spec: SearchSpec, *, with_metric: bool = True):

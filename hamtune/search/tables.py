@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -193,6 +194,26 @@ def leaderboard(trials: pd.DataFrame, *, metric: str, mode: str, sort: str | Non
 
 
 MEMORY_KILL = "running low on memory"  # what Ray says when its memory monitor kills a worker
+
+
+def crash_reason(trial_dir: str | None) -> str | None:
+    """The cause line of Tune's error.txt for a crashed trial (local folders only), or None."""
+    error_file = Path(trial_dir) / "error.txt" if trial_dir else None
+    if error_file is None or not error_file.is_file():
+        return None
+    text = error_file.read_text(errors="replace")
+    if MEMORY_KILL in text:
+        return f"its worker was killed by Ray's memory monitor (the node was {MEMORY_KILL})"
+    return cause_line(text)
+
+
+def cause_line(text: str) -> str | None:
+    """What a traceback says happened: its last "SomeError: ..." line (else its last line), cut to 300 characters;
+    None for an empty text. Tune wraps a trial's or its own failure in such a text."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    return ((cause or lines or [""])[-1])[:300] or None
+
 MEMORY_ADVICE = (" Ray's memory monitor killed trial workers (the machine ran out of memory): lower "
                  "search.max_concurrent (--max-concurrent), data.image_size or train.batch_size.")
 

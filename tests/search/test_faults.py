@@ -59,6 +59,10 @@ def test_a_worker_killed_once_is_retried_and_every_trial_ends(tmp_path):
     assert res.read_experiment(tmp_path / "results" / "killed")["state"] == "finished"
     # the killed trial came back from its epoch-1 checkpoint: one history row per epoch, none repeated from scratch
     assert len(history) == 6 and not history.duplicated(["trial_id", "epoch"]).any()
+    # the retry is said in one line, not in Tune's traceback
+    retried = [line for line in err.splitlines() if "starts again from its last checkpoint" in line]
+    assert len(retried) == 1 and "error.txt" in retried[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
 
 
 def test_workers_the_memory_monitor_keeps_killing_end_the_search_in_one_line(tmp_path):
