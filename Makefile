@@ -42,9 +42,10 @@ smoke-second-python:
 	$(SECOND_VENV)/bin/python -m pip install --quiet -e .
 	cd $$(mktemp -d) && $(CURDIR)/$(SECOND_VENV)/bin/hamtune search --smoke-test --space $(CURDIR)/search_spaces/default.yaml
 
-# The search-payoff study on real HAM10000 (../shared/data/ham10000-200x150): about 40 minutes on 2 cores from
-# scratch. The data is prepared once, the grid's curves are recorded in two processes of one thread each, then the
-# searches are replayed over them (both stages resume from bench/out/payoff/ when cut short).
+# The search-payoff study on real HAM10000 (../shared/data/ham10000-200x150): about 110 minutes on 2 cores from
+# scratch. The data is prepared once, the grid's curves are recorded (training seeds 0 and 1) in two processes of one
+# thread each, then the searches are replayed over both recordings (both stages resume from bench/out/payoff/ when
+# cut short). The replay alone, over the committed bench/search_payoff_curves.json: `--stage replay`.
 bench-payoff: $(STAMP)
 	$(BIN)/python bench/search_payoff.py --stage record --max-configs 0
 	$(BIN)/python bench/search_payoff.py --stage record --shard 0/2 & \
